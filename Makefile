@@ -1,0 +1,30 @@
+# Quick start: `make demo` runs the main job, `make test` runs the tests. Both create .venv themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU wheel of torch; override (e.g. TORCH_SPEC="torch") on a machine with a GPU build available.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/autodeco demo $(DEMO_ARGS)
+
+bench: install
+	$(PY) bench/bench_generate.py
+
+.PHONY: install test test-all demo bench
