@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
@@ -341,7 +341,7 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
                 "--output-dir DIR` or AutoDecoModelForCausalLM.from_base(...).save_pretrained(DIR)."
             )
         if config is None:
-            config = AutoDecoConfig.from_pretrained(path, **hub_kwargs)
+            config = AutoConfig.from_pretrained(path, **hub_kwargs)
         if not isinstance(config, AutoDecoConfig):
             raise ValueError(
                 f"'{path}' holds a '{getattr(config, 'model_type', '?')}' model, not an AutoDeco one. Wrap it with "
