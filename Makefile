@@ -21,8 +21,12 @@ test: install
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Until `autodeco demo` exists (it needs training and evaluation), the main job wraps a tiny random local base
+# with fresh heads and decodes with them, showing every token's T and P. No download.
 demo: install
-	$(VENV)/bin/autodeco demo $(DEMO_ARGS)
+	$(PY) -m autodeco.testing runs/tiny-base
+	$(VENV)/bin/autodeco init --base runs/tiny-base --output-dir runs/tiny-autodeco
+	$(VENV)/bin/autodeco generate --model runs/tiny-autodeco --prompt "The answer is" --max-new-tokens 24 --seed 0 --show-trace
 
 bench: install
 	$(PY) bench/bench_generate.py
