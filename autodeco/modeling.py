@@ -88,8 +88,11 @@ class _HiddenCapture:
 class _GenerationState:
     """What one `generate` call decodes with, and the (T, P) recorded at each sampling forward."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, use_temperature_head: bool = True, use_top_p_head: bool = True):
         self.mode = mode  # "dynamic" | "static" | "greedy"
+        # The paper's ablations: a disabled head samples at T = 1 (resp. P = 1) instead of its prediction.
+        self.use_temperature_head = use_temperature_head
+        self.use_top_p_head = use_top_p_head
         # (sequence length after this forward, T [B], P [B]): the length tells sampled steps from prefill chunks.
         self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
@@ -435,8 +438,19 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ forward
 
+    def train(self, mode: bool = True):
+        """Train mode for the heads only: the frozen base always runs as at inference (no dropout)."""
+        super().train(mode)
+        self.llm.eval()
+        return self
+
     def predict_decoding(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Heads on hidden [B, L, H] and raw logits [B, L, V] -> (temperature [B, L], top_p [B, L]) float32."""
+        # An autocast context (Trainer bf16=True) must not run the heads' matmuls in bf16.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self._predict_decoding(hidden, logits)
+
+    def _predict_decoding(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         temperature = self.temperature_head(hidden)
         stats = None
         if self.config.top_p_features:
@@ -536,6 +550,10 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
                 "The base's hidden states are likely non-finite (fp16 overflow? try bf16 or float32) or the heads "
                 "file is corrupted."
             )
+        if not state.use_temperature_head:
+            t_last = torch.ones_like(t_last)
+        if not state.use_top_p_head:
+            p_last = torch.ones_like(p_last)
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         state.records.append((past_length + seq_len, t_last.float(), p_last.float()))
         if state.mode != "dynamic":
@@ -591,7 +609,15 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         return "dynamic"
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        use_temperature_head: bool = True,
+        use_top_p_head: bool = True,
+        **kwargs,
+    ):
         """`GenerationMixin.generate` with AutoDeco's dynamic decoding by default.
 
         - default (sampling, no temperature/top_p given): each token is sampled from dynamic_logits(z, T, P)
@@ -600,13 +626,21 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
           with exactly those values, heads bypassed (never applied twice);
         - `do_sample=False`: greedy (beam search with num_beams > 1) on the raw logits, as the base does.
 
+        `use_temperature_head=False` samples dynamically at T = 1 with the heads' P, `use_top_p_head=False` at
+        P = 1 with the heads' T: the paper's ablations.
+
         With `return_dict_in_generate=True` the output also holds `temperatures` and `top_ps`
         [num_sequences, generated_length] (see AutoDecoGenerateOutput).
         """
         mode = self._decoding_mode(generation_config, kwargs)
         if mode == "static":
             self._validate_static_values(generation_config, kwargs)
-        state = _GenerationState(mode)
+            if not (use_temperature_head and use_top_p_head):
+                raise ValueError(
+                    "use_temperature_head/use_top_p_head select which heads drive dynamic decoding; with a static "
+                    "temperature/top_p the heads are not used at all. Pass one or the other."
+                )
+        state = _GenerationState(mode, use_temperature_head, use_top_p_head)
         previous, self._generation_state = self._generation_state, state
         try:
             out = super().generate(inputs=inputs, generation_config=generation_config, **kwargs)

@@ -332,3 +332,45 @@ def test_public_api_names():
                                train_top_p=True, soft_top_p_alpha=30.0, easy_token_mask_ratio=0.6, dft=True).items():
         assert getattr(config, field) == default, field
     assert config.base_model_name_or_path is None
+
+
+def test_train_mode_keeps_base_in_eval_and_heads_float32_under_autocast(base):
+    model = AutoDecoModelForCausalLM.from_base(base)
+    model.train()
+    assert model.temperature_head.training and not model.llm.training
+    assert not any(m.training for m in model.llm.modules())
+    with torch.no_grad():
+        model.temperature_head.mlp[2].weight.normal_()
+    ids = torch.tensor([[4, 5, 6, 7]])
+    plain = model(input_ids=ids)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        auto = model(input_ids=ids)
+    assert auto.temperature.dtype == torch.float32
+    # Same inputs inside and outside autocast give bit-identical heads: nothing ran in bf16.
+    hidden, logits = torch.randn(1, 4, 64), torch.randn(1, 4, 100)
+    outside = model.predict_decoding(hidden, logits)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        inside = model.predict_decoding(hidden, logits)
+    assert torch.equal(outside[0], inside[0]) and torch.equal(outside[1], inside[1])
+    assert plain.temperature.dtype == torch.float32
+
+
+@pytest.mark.parametrize("which", ["temperature", "top_p"])
+def test_single_head_ablations_equal_static_sampling(base, which):
+    model = AutoDecoModelForCausalLM.from_base(base)
+    t32, p32 = force_constant_heads(model, 0.6, 0.7)
+    ids = torch.randint(4, 100, (2, 5))
+    torch.manual_seed(99)
+    if which == "temperature":  # heads' T, P = 1
+        ours = model.generate(ids, max_new_tokens=16, use_top_p_head=False, return_dict_in_generate=True)
+        static = dict(temperature=t32, top_p=1.0)
+    else:  # T = 1, heads' P
+        ours = model.generate(ids, max_new_tokens=16, use_temperature_head=False, return_dict_in_generate=True)
+        static = dict(temperature=1.0, top_p=p32)
+    torch.manual_seed(99)
+    ref = base.generate(ids, do_sample=True, top_k=0, max_new_tokens=16, **static)
+    assert torch.equal(ours.sequences, ref)
+    finite = torch.isfinite(ours.temperatures)
+    assert torch.all(ours.temperatures[finite] == static["temperature"]) and torch.all(ours.top_ps[finite] == static["top_p"])
+    with pytest.raises(ValueError, match="static"):
+        model.generate(ids, max_new_tokens=2, temperature=0.5, use_top_p_head=False)
