@@ -1,0 +1,316 @@
+"""AutoDecoTrainer: a `transformers.Trainer` that trains AutoDeco's temperature and top-p heads on a frozen base.
+
+    from autodeco import AutoDecoModelForCausalLM
+    from autodeco.data import AutoDecoDataset
+    from autodeco.trainer import AutoDecoTrainer, build_training_arguments
+
+    model = AutoDecoModelForCausalLM.from_base("Qwen/Qwen2.5-0.5B")           # or .from_pretrained(heads_dir)
+    train = AutoDecoDataset.from_jsonl("train.jsonl", tokenizer, max_length=4096)
+    args = build_training_arguments("runs/heads")                               # the defaults below
+    trainer = AutoDecoTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()                    # trainer.train(resume_from_checkpoint=True) picks up the last checkpoint
+    trainer.save_model()               # config.json + autodeco_heads.safetensors (+ tokenizer): no base weights
+
+From the command line: `autodeco train --model BASE_OR_AUTODECO_DIR --data train.jsonl --output-dir runs/heads`
+(see autodeco/train_cli.py); several processes: `accelerate launch --config_file configs/accelerate/ddp.yaml
+-m autodeco.cli train ...`.
+
+What the trainer adds to `Trainer`
+----------------------------------
+* Only the heads train. The base (`model.llm`) is frozen (requires_grad False) and kept in eval mode, so the
+  heads learn from the logits the base produces at inference (no dropout). A head whose loss is switched off
+  (`config.train_temperature` / `config.train_top_p` False) is frozen too, so it never reaches the optimizer
+  and stays bit-identical: either head alone, or both jointly.
+* Loss normalisation under gradient accumulation and data parallelism. The model returns, per micro-batch,
+  each loss as a MEAN over that micro-batch's n_micro supervised tokens (n_micro = (labels[:, 1:] != -100).sum()).
+  With `num_items_in_batch` (the Trainer's count of supervised tokens over the whole accumulation window, and
+  over all processes when `average_tokens_across_devices`) `compute_loss` returns
+      loss_mean * n_micro / num_items_in_batch          (x num_processes when averaging across devices,
+                                                          because DDP then averages the gradients)
+  so the accumulated gradient is the gradient of the mean over every supervised token of the optimizer step,
+  whatever the split into micro-batches and processes. This is exact for the soft top-p loss and for the
+  temperature loss with easy_token_mask_ratio = 0. With easy-token masking the temperature loss is a mean over
+  the *kept* tokens of the micro-batch, whose number the trainer does not see, so micro-batches are weighted by
+  their supervised (not kept) token counts: an approximation whose error shrinks with batch size, and which the
+  paper's own per-batch masking already implies. Without `num_items_in_batch` the Trainer's default applies
+  (each micro-batch mean divided by the number of accumulation steps).
+* Logging, per logging window, averaged over its micro-batches (token-weighted) and over processes:
+  `loss`, `temperature_loss`, `top_p_loss` (a head's loss only when it trains), `mean_temperature` and
+  `mean_top_p` (the heads' predictions over supervised tokens), `learning_rate`, `grad_norm`. They go to the
+  progress bar, `trainer.state.log_history`, and TensorBoard when installed (report_to).
+* Checkpoints hold the heads only (`autodeco_heads.safetensors` + config; the model's save_pretrained never
+  writes base weights) plus the Trainer's optimizer, scheduler, RNG and trainer state, so
+  `train(resume_from_checkpoint=...)` continues exactly where it stopped. Resuming and `load_best_model_at_end`
+  load the heads file with `model.load_heads`. (Under FSDP / DeepSpeed those frameworks additionally write
+  their own resume state, which can include the frozen base's shards; see configs/accelerate/*.yaml.)
+
+Default hyper-parameters (`build_training_arguments`; every one can be overridden)
+----------------------------------------------------------------------------------
+| argument                          | default        | why                                                          |
+|-----------------------------------|----------------|--------------------------------------------------------------|
+| max_steps                         | 400            | the paper trains its heads for ~400 steps on ~6K samples     |
+| per_device_train_batch_size       | 4              | 4 x 4 = 16 sequences per step: 400 steps ~ one pass over ~6K  |
+| gradient_accumulation_steps       | 4              | samples; with N processes divide it by N to keep 16          |
+| learning_rate                     | 5e-5           | AdamW moves each weight by <~lr per step; with 256 hidden    |
+|                                   |                | units and a zero-initialised output layer, 400 steps can move|
+|                                   |                | the output logit by a few units (T from 1 to ~0.15 or ~1.85) |
+|                                   |                | but not wildly; mid-range of the 5e-6..1e-4 used for heads   |
+| optim                             | adamw_torch_fused | Trainer default (AdamW, fused kernel on torch >= 2.8)     |
+| lr_scheduler_type                 | cosine         | smooth decay to 0 over the short run                         |
+| warmup_steps                      | 0.1            | 10% linear warmup (a float < 1 is a ratio of max_steps)      |
+| weight_decay                      | 0.0            | the heads are tiny; nothing to regularise                    |
+| max_grad_norm                     | 1.0            | guards against rare huge-gradient tokens (T near its bounds) |
+| seed                              | 42             | seeds the sampler and the easy-token mask draws              |
+| logging_steps / logging_first_step| 10 / True      |                                                              |
+| save_steps                        | 100            | 4 checkpoints per run; each is a few MB (heads + AdamW state)|
+| report_to                         | tensorboard if installed, else none                            |
+| bf16                              | False          | on CUDA the CLI loads the frozen *base* in bfloat16 instead: |
+|                                   |                | autocast would also run the heads' matmuls in bf16, and T, P |
+|                                   |                | are too sensitive for that; pass bf16=True to autocast anyway|
+| ddp_find_unused_parameters        | False          | every trainable parameter gets a gradient every step         |
+| dataloader_pin_memory             | True on CUDA   | (pinning without a GPU only draws a warning)                 |
+| remove_unused_columns, label_names| False, ["labels"] (forced: the collator's batch goes to the model as is)    |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.integrations import is_tensorboard_available
+
+from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion
+from autodeco.modeling import HEADS_WEIGHTS_NAME, AutoDecoModelForCausalLM
+
+__all__ = [
+    "AutoDecoTrainer",
+    "DEFAULT_TRAINING_ARGUMENTS",
+    "FORCED_TRAINING_ARGUMENTS",
+    "LOGGED_METRICS",
+    "build_training_arguments",
+    "head_state",
+    "prepare_model_for_training",
+    "trainable_parameter_names",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAINING_ARGUMENTS: dict[str, Any] = {
+    "max_steps": 400,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 4,
+    "learning_rate": 5e-5,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.1,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "seed": 42,
+    "logging_steps": 10,
+    "logging_first_step": True,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "ddp_find_unused_parameters": False,
+}
+# The batches are the collator's dict of tensors; removing "unused" columns or guessing label names from the
+# forward signature would only get in the way.
+FORCED_TRAINING_ARGUMENTS: dict[str, Any] = {"remove_unused_columns": False, "label_names": ["labels"]}
+# Keys `AutoDecoTrainer.log` adds to each training log (next to the Trainer's loss, learning_rate, grad_norm).
+LOGGED_METRICS = ("temperature_loss", "top_p_loss", "mean_temperature", "mean_top_p")
+
+# Slots of the per-window accumulator (one float64 tensor, so one all-reduce merges every process).
+_TOKENS, _T_LOSS, _P_LOSS, _T_SUM, _P_SUM = range(5)
+
+
+def _training_argument_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def build_training_arguments(output_dir: str | os.PathLike, **overrides) -> TrainingArguments:
+    """TrainingArguments with the defaults of the module docstring; `overrides` are TrainingArguments fields.
+
+    `report_to` defaults to TensorBoard when it is installed. `remove_unused_columns` and `label_names` are
+    fixed (FORCED_TRAINING_ARGUMENTS); passing other values for them is an error.
+    """
+    valid = _training_argument_names()
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, valid, n=3) for k in unknown}
+        raise ValueError(
+            f"Unknown TrainingArguments field(s) {unknown}"
+            + "".join(f"; did you mean {h} for '{k}'?" for k, h in hints.items() if h)
+            + ". Valid names are the fields of transformers.TrainingArguments: run "
+            "`python -c \"import transformers; help(transformers.TrainingArguments)\"`."
+        )
+    for key, value in FORCED_TRAINING_ARGUMENTS.items():
+        if key in overrides and overrides[key] != value:
+            raise ValueError(
+                f"TrainingArguments.{key} must be {value!r} for AutoDeco training (the collator's batch goes to the "
+                f"model as is); got {overrides[key]!r}."
+            )
+    kwargs = dict(DEFAULT_TRAINING_ARGUMENTS)
+    kwargs["report_to"] = "tensorboard" if is_tensorboard_available() else "none"
+    kwargs["dataloader_pin_memory"] = torch.cuda.is_available()  # pinning without a GPU only draws a warning
+    kwargs.update(overrides)
+    kwargs.update(FORCED_TRAINING_ARGUMENTS)
+    return TrainingArguments(output_dir=str(output_dir), **kwargs)
+
+
+def prepare_model_for_training(model: AutoDecoModelForCausalLM) -> None:
+    """Freeze the base and every head whose loss is off; the remaining head parameters require grad.
+
+    Raises ValueError when the config trains neither head (nothing would learn).
+    """
+    config = model.config
+    if not (config.train_temperature or config.train_top_p):
+        raise ValueError(
+            "config.train_temperature and config.train_top_p are both False: no head would train. Enable at "
+            "least one (CLI: --heads both|temperature|top_p)."
+        )
+    model.llm.requires_grad_(False)
+    model.temperature_head.requires_grad_(bool(config.train_temperature))
+    model.top_p_head.requires_grad_(bool(config.train_top_p))
+
+
+def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that require grad (what the optimizer receives)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+class AutoDecoTrainer(Trainer):
+    """`transformers.Trainer` for AutoDeco heads: head-only optimisation, exact token-mean loss under gradient
+    accumulation and data parallelism, head metrics in the logs, heads-only checkpoints. See the module docstring.
+
+    `args` defaults to `build_training_arguments("autodeco_output")`; the data collator defaults to
+    `DataCollatorForCompletion(processing_class)`.
+    """
+
+    def __init__(self, model: AutoDecoModelForCausalLM | None = None, args: TrainingArguments | None = None,
+                 data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+        if not isinstance(model, AutoDecoModelForCausalLM):
+            raise TypeError(
+                f"AutoDecoTrainer trains an AutoDecoModelForCausalLM, got {type(model).__name__}. Wrap the base "
+                "with AutoDecoModelForCausalLM.from_base(...) or load heads with .from_pretrained(...)."
+            )
+        prepare_model_for_training(model)
+        if args is None:
+            args = build_training_arguments("autodeco_output")
+        for key, value in FORCED_TRAINING_ARGUMENTS.items():
+            if getattr(args, key) != value:
+                logger.info("AutoDecoTrainer: setting TrainingArguments.%s = %r (was %r).", key, value, getattr(args, key))
+                setattr(args, key, value)
+        if args.n_gpu > 1:
+            # nn.DataParallel would split every micro-batch again behind the loss normalisation's back.
+            raise ValueError(
+                f"AutoDecoTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process). Launch "
+                "one process per GPU instead: `accelerate launch --config_file configs/accelerate/ddp.yaml -m "
+                "autodeco.cli train ...` (or torchrun), or expose one GPU with CUDA_VISIBLE_DEVICES."
+            )
+        if data_collator is None and processing_class is not None:
+            data_collator = DataCollatorForCompletion(processing_class)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # Our compute_loss normalises by num_items_in_batch, so have the Trainer count it (it only does for models
+        # that take loss kwargs), over labels[:, 1:] since the model shifts labels like any causal LM.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self._window: torch.Tensor | None = None  # [5] float64 sums over the current logging window
+        self._window_has = {"temperature_loss": False, "top_p_loss": False}
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """Forward with labels; returns the micro-batch's share of the step's token-mean loss (see module doc)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if unwrapped.llm.training:
+            unwrapped.llm.eval()  # the frozen base is measured as it decodes: no dropout
+        labels = inputs["labels"]  # [B, S], unshifted
+        outputs = model(**inputs)
+        loss = outputs.loss  # scalar: temperature_loss + top_p_loss, each a mean over this micro-batch's tokens
+        supervised = labels[:, 1:] != IGNORE_INDEX  # [B, S-1]: position i predicts label i + 1
+        n_micro = supervised.sum()
+        if unwrapped.training:
+            self._accumulate(outputs, supervised, n_micro)
+        if num_items_in_batch is not None:
+            n_total = torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
+            loss = loss * n_micro.to(loss.device, loss.dtype) / n_total.to(loss.dtype)
+            if self.args.average_tokens_across_devices:
+                # num_items_in_batch counts every process's tokens and DDP averages gradients over processes:
+                # undo that average, as Trainer.compute_loss does for models that take loss kwargs.
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            self.loss_is_scaled_for_ga = True
+        else:
+            self.loss_is_scaled_for_ga = False  # Trainer divides the micro-batch mean by the accumulation steps
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, outputs, supervised: torch.Tensor, n_micro: torch.Tensor) -> None:
+        with torch.no_grad():
+            n = n_micro.double()
+            row = torch.zeros(5, dtype=torch.float64, device=n.device)
+            row[_TOKENS] = n
+            for slot, key in ((_T_LOSS, "temperature_loss"), (_P_LOSS, "top_p_loss")):
+                value = getattr(outputs, key)
+                if value is not None:
+                    row[slot] = value.detach().double().to(n.device) * n
+                    self._window_has[key] = True
+            mask = supervised.to(outputs.temperature.device)
+            row[_T_SUM] = outputs.temperature[:, :-1][mask].double().sum().to(n.device)  # T [B, S] -> [B, S-1]
+            row[_P_SUM] = outputs.top_p[:, :-1][mask].double().sum().to(n.device)
+            self._window = row if self._window is None else self._window + row.to(self._window.device)
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the head metrics of the logging window to each training log (every process calls this together)."""
+        if "loss" in logs and self._window is not None:
+            window = self._window.to(self.args.device)
+            if self.args.world_size > 1:
+                window = self.accelerator.reduce(window, reduction="sum")
+            tokens = float(window[_TOKENS])
+            if tokens > 0:
+                for slot, key in ((_T_LOSS, "temperature_loss"), (_P_LOSS, "top_p_loss")):
+                    if self._window_has[key]:
+                        logs[key] = float(window[slot]) / tokens
+                logs["mean_temperature"] = float(window[_T_SUM]) / tokens
+                logs["mean_top_p"] = float(window[_P_SUM]) / tokens
+            self._window = None
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ heads-only checkpoints
+
+    def _loads_heads_itself(self) -> bool:
+        # FSDP and DeepSpeed restore their own (sharded) model state; a plain or DDP model takes the heads file.
+        return not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        heads_file = os.path.join(resume_from_checkpoint, HEADS_WEIGHTS_NAME)
+        if os.path.isfile(heads_file) and self._loads_heads_itself():
+            target = self.accelerator.unwrap_model(model if model is not None else self.model)
+            target.load_heads(heads_file)
+            logger.info("Loaded AutoDeco heads from %s.", heads_file)
+            return
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except ValueError as exc:
+            raise ValueError(
+                f"Cannot resume from '{resume_from_checkpoint}': it has no {HEADS_WEIGHTS_NAME} ({exc}). Resume from a "
+                "checkpoint-* directory written by AutoDecoTrainer (an interrupted save leaves none)."
+            ) from exc
+
+    def _load_best_model(self) -> None:
+        heads_file = os.path.join(self.state.best_model_checkpoint, HEADS_WEIGHTS_NAME)
+        if os.path.isfile(heads_file) and self._loads_heads_itself():
+            self.accelerator.unwrap_model(self.model).load_heads(heads_file)
+            logger.info("Loaded the best AutoDeco heads from %s.", heads_file)
+            return
+        super()._load_best_model()
+
+
+def head_state(model: AutoDecoModelForCausalLM) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the heads' tensors (for comparisons in tests and scripts)."""
+    return {k: v.detach().cpu().clone() for k, v in model.heads_state_dict().items()}
+
