@@ -4,6 +4,10 @@
     autodeco generate --model DIR --prompt TEXT [--show-trace]
     autodeco merge    --model DIR --output-dir DIR           heads-only -> self-contained (base + heads)
     autodeco split    --model DIR --output-dir DIR           self-contained -> heads-only
+    autodeco train    --model BASE_OR_DIR --data FILE... --output-dir DIR   train the heads on a frozen base
+    autodeco data     --model DIR --problems FILE... --output FILE          rejection-sampled training data
+    autodeco eval     --model DIR --benchmarks FILE... --methods LIST --output-dir DIR   the paper's tables
+    autodeco eval     --diagnose FILE --model DIR                           heads vs their own MeanShift
 
 `autodeco COMMAND --help` explains every flag. Errors in what you pass (missing paths, bad values) are
 reported in one line naming the problem, with exit status 2.
@@ -182,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="directory for config.json + heads")
     p.add_argument("--base-output-dir", help="also save the base model here and record it as the base")
     p.set_defaults(func=cmd_split)
+
+    from autodeco.evaluation.eval_cli import add_data_parser, add_eval_parser
+    from autodeco.train_cli import add_train_parser
+
+    add_train_parser(sub)
+    add_data_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
         print(f"autodeco {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -44,7 +44,7 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert "base model path" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["init", "generate", "merge", "split"])
+@pytest.mark.parametrize("command", ["init", "generate", "merge", "split", "train", "data", "eval"])
 def test_help_explains_every_flag(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])

@@ -1,0 +1,172 @@
+"""Training data for the heads by rejection sampling, as in the AutoDeco paper: sample solutions from the base
+model, keep the verified-correct ones.
+
+    from autodeco.evaluation.data_builder import build_training_data
+    stats = build_training_data(model, tokenizer, ["train_problems.jsonl"], n=8, output="train.jsonl",
+                                max_per_problem=4)
+
+CLI: `autodeco data --model DIR --problems FILE... --n 8 --output train.jsonl [--max-per-problem 4]`.
+
+For each problem (a benchmark-format JSONL row: `problem`, `gt`, optional `id`; see benchmarks.py) `n` solutions are
+sampled from the base distribution: static T=1, P=1, no top-k (the heads, if the model has any, are bypassed), with
+a per-problem seed derived from `seed`, so a rerun samples the same solutions. A solution is kept when
+  - it ended with EOS (a completion cut off at max_new_tokens would teach the model to stop mid-thought: the data
+    loader appends EOS to every completion),
+  - benchmarks.score verifies its final answer against `gt`,
+  - it is not a duplicate of a solution already kept for the problem (whitespace-normalised text),
+and at most `max_per_problem` are kept per problem (the first ones in sampling order).
+
+The output JSONL has one row per kept solution: `prompt` (the formatted prompt exactly as benchmarks.build_prompt
+makes it, chat template included, which autodeco.data uses as is), `completion` (the generated text, special tokens
+removed), plus `id` and `benchmark` for bookkeeping. It is written atomically. The samples themselves are appended
+to OUTPUT.samples.jsonl as each problem finishes, so a killed run resumes where it stopped, and a rerun with another
+--max-per-problem only re-filters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from autodeco.evaluation.benchmarks import Benchmark, build_prompt, load_benchmark
+from autodeco.evaluation.methods import static_method
+
+__all__ = ["build_training_data", "dedup_key"]
+
+
+def dedup_key(text: str) -> str:
+    """Two solutions are duplicates when their text is equal up to whitespace."""
+    return " ".join(text.split())
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def build_training_data(
+    model,
+    tokenizer,
+    problems_files: Sequence[str | os.PathLike] | str,
+    n: int = 8,
+    *,
+    output: str | os.PathLike,
+    max_per_problem: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    template: str | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Sample `n` solutions per problem, keep the verified, finished, distinct ones (at most `max_per_problem`
+    per problem) and write them to `output` as prompt/completion JSONL. Returns (and with `verbose` prints) the
+    counts per benchmark: problems, samples, finished (ended with EOS), correct, usable (correct and finished),
+    distinct (usable, deduplicated), kept (after the cap), problems_with_data (>= 1 kept)."""
+    from autodeco.evaluation import report, runner
+
+    max_new_tokens = runner.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    batch_size = runner.DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    _check_positive("n", n)
+    _check_positive("max_per_problem", max_per_problem, allow_none=True)
+    _check_positive("max_new_tokens", max_new_tokens)
+    _check_positive("batch_size", batch_size)
+    method = static_method(temperature, top_p)  # validates T and P
+    output = Path(output)
+    if output.is_dir():
+        raise ValueError(f"output '{output}' is a directory; pass the path of the JSONL file to write.")
+    if isinstance(problems_files, (str, os.PathLike)):
+        problems_files = [problems_files]
+    if not problems_files:
+        raise ValueError("No problem files given; pass one or more benchmark-format JSONL files.")
+    benchmarks: list[Benchmark] = [load_benchmark(str(f), limit=limit) for f in problems_files]
+    names = [b.name for b in benchmarks]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"Two problem files are named '{name}'; give them different file names.")
+
+    # Sampling from the base distribution: explicit T, P and top_k=0, so neither AutoDeco's heads nor a plain base's
+    # own generation defaults (top_k=50, T=0.7, ...) change it.
+    kwargs = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    settings = runner._sha({"data": 1, "spec": method.spec, "n": n, "max_new_tokens": max_new_tokens,
+                            "template": template, "seed": seed, "model": runner.model_fingerprint(model)})[:16]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    store = runner.RecordStore(output.parent, name=output.name + ".samples.jsonl")
+    done = store.read(keep_completions=True)
+    model.eval()
+
+    jobs = []
+    for b in benchmarks:
+        for index, problem in enumerate(b.problems):
+            prompt = build_prompt(problem, tokenizer, template)
+            key = runner._sha([settings, b.name, problem.id, hashlib.sha256(prompt.encode()).hexdigest()])[:32]
+            jobs.append((b, index, problem, prompt, key))
+    pending = [job for job in jobs if job[4] not in done]
+    bar = None
+    if progress and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pending), desc="sampling solutions", unit="problem", dynamic_ncols=True)
+    store.open()
+    try:
+        for b, index, problem, prompt, key in pending:
+            request = runner.GenerationRequest(prompt, n, runner.sampling_seed(seed, method.spec, b.name, problem.id, 0))
+            samples = runner.generate_completions(model, tokenizer, [request], generation_kwargs=kwargs,
+                                                  max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
+            texts = [c.text for c in samples]
+            record = {"key": key, "benchmark": b.name, "problem_id": problem.id, "prompt": prompt,
+                      "completions": texts, "correct": runner.score_completions(problem, texts),
+                      "finished": [c.finished for c in samples], "tokens": [c.num_tokens for c in samples]}
+            store.append(record)
+            done[key] = record
+            if bar is not None:
+                bar.update(1)
+    finally:
+        store.close()
+        if bar is not None:
+            bar.close()
+
+    rows: list[dict] = []
+    stats: dict[str, dict] = {}
+    for b, index, problem, prompt, key in jobs:
+        record = done[key]
+        s = stats.setdefault(b.name, {"problems": 0, "samples": 0, "finished": 0, "correct": 0, "usable": 0,
+                                      "distinct": 0, "kept": 0, "problems_with_data": 0})
+        s["problems"] += 1
+        seen: set[str] = set()
+        kept = 0
+        for text, ok, finished in zip(record["completions"], record["correct"], record["finished"]):
+            s["samples"] += 1
+            s["finished"] += bool(finished)
+            s["correct"] += bool(ok)
+            if not (ok and finished and text.strip()):
+                continue
+            s["usable"] += 1
+            if dedup_key(text) in seen:
+                continue
+            seen.add(dedup_key(text))
+            s["distinct"] += 1
+            if max_per_problem is None or kept < max_per_problem:
+                kept += 1
+                rows.append({"prompt": prompt, "completion": text, "id": problem.id, "benchmark": b.name})
+        s["kept"] += kept
+        s["problems_with_data"] += kept > 0
+    total = {k: sum(s[k] for s in stats.values()) for k in next(iter(stats.values()))}
+    report.write_text_atomic(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    result = {"output": str(output), "samples_file": str(store.main), "benchmarks": stats, "total": total,
+              "n": n, "max_per_problem": max_per_problem, "temperature": temperature, "top_p": top_p}
+    if verbose:
+        for name, s in [*stats.items(), ("total", total)]:
+            print(f"{name}: kept {s['kept']}/{s['samples']} samples ({s['correct']} correct, {s['usable']} correct and "
+                  f"ended with EOS, {s['distinct']} distinct) for {s['problems_with_data']}/{s['problems']} problems",
+                  flush=True)
+        print(f"Wrote {len(rows)} rows to {output} (samples kept in {store.main} for reruns).", flush=True)
+    return result
