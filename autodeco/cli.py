@@ -196,15 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+# Mistakes in what the user passed: reported in one line, exit status 2, no traceback.
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, ImportError)
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand (`args.func`), turning USER_ERRORS into one line on stderr and exit status 2."""
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
+    except USER_ERRORS as exc:
         print(f"autodeco {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_parsed(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors_bytes
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
+from autodeco.atomic import atomic_write, write_text_atomic
 from autodeco.config import AutoDecoConfig
 from autodeco.heads import TemperatureHead, TopPHead
 from autodeco.sampling import MIN_TEMPERATURE, distribution_stats, dynamic_logits, scale_logits
@@ -112,18 +113,6 @@ def _check_base_exists(name: str, what: str = "base model") -> None:
             f"The {what} path '{name}' does not exist. Pass an existing local directory or a hub name "
             "such as 'Qwen/Qwen2.5-0.5B'."
         )
-
-
-def _atomic_save_file(tensors: dict, path: Path, metadata: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _has_merged_weights(directory: Path) -> bool:
@@ -277,16 +266,14 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             heads = self.heads_state_dict()
         heads = {k: v.cpu() for k, v in heads.items()}
-        _atomic_save_file(heads, directory / HEADS_WEIGHTS_NAME, metadata={"format": "pt", "autodeco": "heads"})
+        payload = save_safetensors_bytes(heads, metadata={"format": "pt", "autodeco": "heads"})
+        atomic_write(directory / HEADS_WEIGHTS_NAME, lambda f: f.write(payload))
         self._save_configs(directory)
 
     def _save_configs(self, directory: Path) -> None:
         self.config.architectures = [type(self).__name__]
         for obj, name in ((self.config, "config.json"), (self.generation_config, "generation_config.json")):
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(obj.to_json_string(use_diff=True))
-            os.replace(tmp, directory / name)
+            write_text_atomic(directory / name, obj.to_json_string(use_diff=True))
 
     def merge(self, save_directory, *, max_shard_size: str | int = "5GB") -> None:
         """Write a self-contained directory: base weights and heads in model.safetensors (sharded if large)."""

@@ -363,12 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autodeco")
     add_train_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"autodeco {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from autodeco.cli import run_parsed
+
+    return run_parsed(args)
 
 
 if __name__ == "__main__":

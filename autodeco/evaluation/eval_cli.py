@@ -365,12 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`python -m autodeco.evaluation.eval_cli {eval,data} ...` with the CLI's one-line errors (exit 2)."""
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"autodeco {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from autodeco.cli import run_parsed
+
+    return run_parsed(args)
 
 
 if __name__ == "__main__":

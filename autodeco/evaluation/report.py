@@ -28,8 +28,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from autodeco.atomic import atomic_write, write_json_atomic, write_text_atomic
 
 __all__ = [
     "write_reports",
@@ -43,37 +44,6 @@ __all__ = [
 
 # Tokens shown as tick labels on the trace plot when the example is at most this long (beyond, labels overlap).
 MAX_LABELLED_TOKENS = 48
-
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; reports are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ markdown
@@ -180,7 +150,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> None:
-    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _finite(values):

@@ -77,6 +77,7 @@ from typing import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from autodeco.atomic import atomic_write
 from autodeco.evaluation import benchmarks as benchmarks_module
 from autodeco.evaluation import scoring
 from autodeco.evaluation.benchmarks import Benchmark, Problem, build_prompt
@@ -432,18 +433,17 @@ class RecordStore:
         if not ranks:
             return sum(1 for _ in _iter_records(self.main)) if self.main.is_file() else 0
         seen: set[str] = set()
-        tmp = self.dir / f".{self.main.name}.merging.tmp"
-        with open(tmp, "w", encoding="utf-8") as out:
+
+        def write(out) -> None:
             for path in [self.main, *ranks]:
                 if not path.is_file():
                     continue
                 for line, record in _iter_lines(path):
                     if record["key"] not in seen:
                         seen.add(record["key"])
-                        out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.main)
+                        out.write(line.encode("utf-8"))
+
+        atomic_write(self.main, write)
         for path in ranks:  # after the replace: a crash in between leaves duplicates, which readers skip
             path.unlink()
         return len(seen)
