@@ -30,26 +30,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load_tokenizer(model_dir: str, fallback: str | None = None):
+def resolve_dtype(choice: str, on_gpu: bool):
+    """`--dtype` value -> torch dtype; "auto" is bfloat16 on a bf16-capable GPU, else float32."""
+    if choice == "auto":
+        return torch.bfloat16 if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[choice]
+
+
+def load_tokenizer(*sources: str | None):
+    """The first tokenizer that loads from `sources` (an AutoDeco directory, then its base, ...)."""
     from transformers import AutoTokenizer
 
-    errors = []
-    for source in (model_dir, fallback):
+    tried = []
+    for source in sources:
         if not source:
             continue
         try:
             return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            errors.append(f"{source}: {exc.__class__.__name__}")
+        except (OSError, ValueError, TypeError) as exc:
+            tried.append(f"{source} ({exc.__class__.__name__})")
     raise FileNotFoundError(
-        f"No tokenizer found in '{model_dir}'" + (f" or its base '{fallback}'" if fallback else "")
-        + f" ({'; '.join(errors)}). Save one there with tokenizer.save_pretrained(DIR)."
+        f"No tokenizer found in {' or '.join(tried) or 'the model'}. Save one beside the model with "
+        "tokenizer.save_pretrained(DIR)."
     )
 
 
 def _copy_tokenizer(source: str, target: str) -> bool:
     try:
-        _load_tokenizer(source).save_pretrained(target)
+        load_tokenizer(source).save_pretrained(target)
         return True
     except FileNotFoundError:
         return False
@@ -78,7 +86,7 @@ def cmd_generate(args) -> None:
 
     model = AutoDecoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
     model.to(args.device).eval()
-    tokenizer = _load_tokenizer(args.model, model.config.base_model_name_or_path)
+    tokenizer = load_tokenizer(args.model, model.config.base_model_name_or_path)
     if args.chat:
         if tokenizer.chat_template is None:
             raise ValueError(f"--chat: the tokenizer of '{args.model}' has no chat template; drop --chat.")

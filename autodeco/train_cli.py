@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from autodeco.cli import load_tokenizer, resolve_dtype
 from autodeco.trainer import DEFAULT_TRAINING_ARGUMENTS, FORCED_TRAINING_ARGUMENTS
 
 HEADS_CHOICES = {"both": (True, True), "temperature": (True, False), "top_p": (False, True)}
@@ -226,29 +227,6 @@ def _model_config(name: str, trust_remote_code: bool) -> dict:
         ) from None
 
 
-def _base_dtype(choice: str, use_cpu: bool):
-    if choice == "auto":
-        on_gpu = torch.cuda.is_available() and not use_cpu
-        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
-
-
-def _load_tokenizer(*sources: str | None):
-    from transformers import AutoTokenizer
-
-    tried = []
-    for source in sources:
-        if not source:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError) as exc:
-            tried.append(f"{source} ({exc.__class__.__name__})")
-    raise FileNotFoundError(
-        f"No tokenizer found in {' or '.join(tried) or 'the model'}. Save one beside the model with "
-        "tokenizer.save_pretrained(DIR)."
-    )
-
 
 def load_model_for_training(args, is_autodeco: bool, use_cpu: bool = False):
     """The AutoDeco model `args.model` names, configured for this run (fresh heads unless `is_autodeco`)."""
@@ -263,7 +241,7 @@ def load_model_for_training(args, is_autodeco: bool, use_cpu: bool = False):
     if args.no_dft:
         loss_options["dft"] = False
     loss_options.update(train_temperature=train_temperature, train_top_p=train_top_p)
-    dtype = _base_dtype(args.dtype, use_cpu)
+    dtype = resolve_dtype(args.dtype, on_gpu=not use_cpu)
 
     if is_autodeco:
         fresh_only = [flag for flag, value in (("--max-temperature", args.max_temperature),
@@ -323,7 +301,7 @@ def cmd_train(args) -> dict:
     # Data before weights: a bad row is reported in seconds, not after loading a large base.
     config = _model_config(args.model, args.trust_remote_code)
     fresh = config.get("model_type") != "autodeco"
-    tokenizer = _load_tokenizer(args.model, None if fresh else config.get("base_model_name_or_path"))
+    tokenizer = load_tokenizer(args.model, None if fresh else config.get("base_model_name_or_path"))
     dataset = AutoDecoDataset.from_jsonl(args.data, tokenizer, max_length=args.max_length, skip_bad_rows=args.skip_bad_rows)
     if main_process:
         print(f"Data: {dataset.stats.summary()}", flush=True)

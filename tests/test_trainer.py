@@ -444,14 +444,14 @@ def test_cli_help_explains_every_flag(capsys):
 
 
 def test_base_dtype_auto_is_bf16_only_on_a_bf16_gpu(monkeypatch):
-    from autodeco import train_cli
+    from autodeco.cli import resolve_dtype
 
-    assert train_cli._base_dtype("float16", use_cpu=False) is torch.float16
+    assert resolve_dtype("float16", on_gpu=True) is torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train_cli._base_dtype("auto", use_cpu=False) is torch.float32
+    assert resolve_dtype("auto", on_gpu=True) is torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train_cli._base_dtype("auto", use_cpu=False) is torch.bfloat16
-    assert train_cli._base_dtype("auto", use_cpu=True) is torch.float32
+    assert resolve_dtype("auto", on_gpu=True) is torch.bfloat16
+    assert resolve_dtype("auto", on_gpu=False) is torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train_cli._base_dtype("auto", use_cpu=False) is torch.float32
+    assert resolve_dtype("auto", on_gpu=True) is torch.float32

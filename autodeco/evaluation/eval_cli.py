@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from autodeco.cli import load_tokenizer, resolve_dtype
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -204,26 +206,6 @@ def _device(choice: str, state) -> torch.device:
     return device
 
 
-def _dtype(choice: str, device: torch.device):
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
-
-
-def _load_tokenizer(*sources):
-    from transformers import AutoTokenizer
-
-    tried = []
-    for source in sources:
-        if not source:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError) as exc:
-            tried.append(f"{source} ({exc.__class__.__name__})")
-    raise FileNotFoundError(f"No tokenizer found in {' or '.join(tried) or 'the model'}; save one beside the model "
-                            "with tokenizer.save_pretrained(DIR).")
-
 
 def load_model(name: str, *, dtype: str = "auto", device: torch.device, require_autodeco: bool = True,
                trust_remote_code: bool = False):
@@ -234,10 +216,10 @@ def load_model(name: str, *, dtype: str = "auto", device: torch.device, require_
     from autodeco import AutoDecoModelForCausalLM
 
     model_type = _model_type(name)
-    torch_dtype = _dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, on_gpu=device.type == "cuda")
     if model_type == "autodeco" or (model_type is None and require_autodeco):
         model = AutoDecoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        tokenizer = _load_tokenizer(name, model.config.base_model_name_or_path)
+        tokenizer = load_tokenizer(name, model.config.base_model_name_or_path)
     elif require_autodeco:
         raise ValueError(
             f"--model '{name}' is a plain '{model_type}' model, not an AutoDeco one: evaluation needs the heads. "
@@ -245,7 +227,7 @@ def load_model(name: str, *, dtype: str = "auto", device: torch.device, require_
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        tokenizer = _load_tokenizer(name)
+        tokenizer = load_tokenizer(name)
     return model.to(device).eval(), tokenizer
 
 
