@@ -562,9 +562,7 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("Training with `labels` needs logits at every position: leave logits_to_keep=0.")
         shift_labels = labels[:, 1:].to(logits.device)
         shift_logits, shift_t, shift_p = logits[:, :-1], temperature[:, :-1], top_p[:, :-1]
-        zero = temperature.sum() * 0.0
         temperature_loss = top_p_loss = None
-        total = zero + top_p.sum() * 0.0
         if self.config.train_temperature:
             temperature_loss = losses.temperature_loss(
                 shift_logits,
@@ -573,12 +571,12 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
                 easy_token_mask_ratio=self.config.easy_token_mask_ratio,
                 dft=self.config.dft,
             )
-            total = total + temperature_loss
         if self.config.train_top_p:
             top_p_loss = losses.soft_top_p_loss(
                 shift_logits, shift_t, shift_p, shift_labels, alpha=self.config.soft_top_p_alpha, dft=self.config.dft
             )
-            total = total + top_p_loss
+        enabled = [loss for loss in (temperature_loss, top_p_loss) if loss is not None]
+        total = sum(enabled[1:], enabled[0]) if enabled else temperature.new_zeros(())
         return total, temperature_loss, top_p_loss
 
     # ------------------------------------------------------------------ generation
