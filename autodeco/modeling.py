@@ -360,6 +360,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         base = AutoModelForCausalLM.from_pretrained(base_name, *model_args, **base_hub_kwargs, **kwargs)
         model = cls(config, base_model=base)
         model.load_heads(heads_file)
+        # Like any from_pretrained model, it is known by the directory it came from, not by its base.
+        model.name_or_path = model.config._name_or_path = path
         return model
 
     def load_heads(self, heads_file) -> None:

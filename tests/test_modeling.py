@@ -221,6 +221,8 @@ def test_save_load_roundtrip_is_bit_exact_and_heads_only(tmp_path):
     assert heads_bytes < base_bytes
 
     loaded = AutoDecoModelForCausalLM.from_pretrained(tmp_path / "heads")
+    assert loaded.name_or_path == str(tmp_path / "heads")
+    assert loaded.config.base_model_name_or_path == str(base_dir.resolve())
     for (k, a), (_, b) in zip(model.heads_state_dict().items(), loaded.heads_state_dict().items()):
         assert torch.equal(a, b), k
     via_auto = AutoModelForCausalLM.from_pretrained(tmp_path / "heads")
