@@ -1066,7 +1066,8 @@ def _assemble(ctx, benchmarks, methods, records, *, n, seeds, ks, oracle_info, m
                      "(std over seeds 0). Its T and P are the heads' predictions, which greedy decoding ignores.")
     config = getattr(ctx.model, "config", None)
     return {
-        "model": getattr(config, "base_model_name_or_path", None) or getattr(config, "name_or_path", None),
+        "model": getattr(ctx.model, "name_or_path", None) or getattr(config, "name_or_path", None),
+        "base_model": getattr(config, "base_model_name_or_path", None),
         "settings": {
             "n": n, "seeds": seeds, "ks": list(ks), "max_new_tokens": ctx.max_new_tokens, "batch_size": batch_size,
             "template": ctx.template, "seed": ctx.base_seed, "oracle_n": oracle_n, "oracle_seeds": oracle_seeds,
