@@ -41,7 +41,14 @@ from transformers.utils import cached_file
 from autodeco.atomic import atomic_write, write_text_atomic
 from autodeco.config import AutoDecoConfig
 from autodeco.heads import TemperatureHead, TopPHead
-from autodeco.sampling import MIN_TEMPERATURE, distribution_stats, dynamic_logits, scale_logits
+from autodeco.sampling import (
+    MIN_TEMPERATURE,
+    NUCLEUS_WINDOW,
+    distribution_stats,
+    dynamic_logits,
+    nucleus_filter,
+    scale_logits,
+)
 
 HEADS_WEIGHTS_NAME = "autodeco_heads.safetensors"
 MERGED_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
@@ -174,6 +181,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._hidden_from_hook = output_embeddings is not None
         self._base_takes_logits_to_keep = "logits_to_keep" in inspect.signature(base_model.forward).parameters
         self._generation_state: _GenerationState | None = None
+        # (scaled logits, log_z, top values) of this forward's last position, for _decode_step to reuse.
+        self._decode_reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.post_init()
         self.generation_config = autodeco_generation_config(getattr(base_model, "generation_config", None))
         if output_embeddings is not None and output_embeddings.weight.device.type != "meta":
@@ -442,7 +451,18 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _predict_decoding(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         temperature = self.temperature_head(hidden)
         stats = None
-        if self.config.top_p_features:
+        self._decode_reuse = None
+        state = self._generation_state
+        # Only when the sampled T is the head's own (the temperature-head ablation samples at T = 1).
+        reuse = state is not None and state.mode == "dynamic" and state.use_temperature_head and logits.shape[1] == 1
+        if self.config.top_p_features and reuse and logits.shape[0] <= STATS_CHUNK_ROWS:
+            with torch.no_grad():
+                # One position per sequence, exactly the scaled logits _decode_step will filter: keep them.
+                scaled = scale_logits(logits[:, 0], temperature.detach()[:, 0])
+                stats, log_z, top_values = distribution_stats(scaled, window=NUCLEUS_WINDOW)
+                self._decode_reuse = (scaled, log_z, top_values)
+                stats = stats[:, None]
+        elif self.config.top_p_features:
             with torch.no_grad():  # the statistics are features of a detached T: no gradient to carry
                 flat_logits = logits.reshape(-1, logits.shape[-1])
                 flat_t = temperature.detach().reshape(-1)
@@ -548,9 +568,15 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         if state.mode != "dynamic":
             return logits
         # Sigmoid can saturate to exactly 0: a zero T is the greedy limit, a zero P keeps the top token.
-        decoded = dynamic_logits(
-            logits[:, -1], t_last.clamp_min(MIN_TEMPERATURE), p_last.clamp_min(torch.finfo(torch.float32).tiny), validate=False
-        )
+        p_last = p_last.clamp_min(torch.finfo(torch.float32).tiny)
+        reuse, self._decode_reuse = self._decode_reuse, None
+        if reuse is not None:  # predict_decoding scaled these logits by the same (clamped) T
+            scaled, log_z, top_values = reuse
+            decoded = nucleus_filter(scaled, p_last, log_z=log_z, top_values=top_values)
+        else:
+            decoded = dynamic_logits(logits[:, -1], t_last.clamp_min(MIN_TEMPERATURE), p_last, validate=False)
+        if logits.shape[1] == 1:
+            return decoded[:, None]
         logits = logits.float()  # the scaled logits would lose precision in bf16
         logits[:, -1] = decoded
         return logits
