@@ -106,7 +106,7 @@ class _GenerationState:
 
 
 def _is_local_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name)
+    return name.startswith((".", "/", "~")) or (os.sep in name and not _looks_like_hub_id(name))
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -181,8 +181,6 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._hidden_from_hook = output_embeddings is not None
         self._base_takes_logits_to_keep = "logits_to_keep" in inspect.signature(base_model.forward).parameters
         self._generation_state: _GenerationState | None = None
-        # (scaled logits, log_z, top values) of this forward's last position, for _decode_step to reuse.
-        self._decode_reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.post_init()
         self.generation_config = autodeco_generation_config(getattr(base_model, "generation_config", None))
         if output_embeddings is not None and output_embeddings.weight.device.type != "meta":
@@ -375,7 +373,7 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def load_heads(self, heads_file) -> None:
         """Load head tensors from a safetensors file, refusing missing, unexpected or mis-shaped tensors."""
-        expected = {k: v for k, v in self.heads_state_dict().items()}
+        expected = self.heads_state_dict()
         with safe_open(str(heads_file), framework="pt") as f:
             found = set(f.keys())
             missing = sorted(set(expected) - found)
@@ -444,23 +442,26 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def predict_decoding(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Heads on hidden [B, L, H] and raw logits [B, L, V] -> (temperature [B, L], top_p [B, L]) float32."""
+        temperature, top_p, _ = self._predict_decoding(hidden, logits, keep_scaled=False)
+        return temperature, top_p
+
+    def _predict_decoding(self, hidden: torch.Tensor, logits: torch.Tensor, keep_scaled: bool):
+        """predict_decoding, plus, with `keep_scaled` and one position per row, the (scaled logits [B, V],
+        log_z [B, 1], top-window values [B, k]) its statistics computed, for the nucleus to reuse."""
         # An autocast context (Trainer bf16=True) must not run the heads' matmuls in bf16.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return self._predict_decoding(hidden, logits)
+            return self._predict_decoding_float32(hidden, logits, keep_scaled)
 
-    def _predict_decoding(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict_decoding_float32(self, hidden, logits, keep_scaled):
         temperature = self.temperature_head(hidden)
-        stats = None
-        self._decode_reuse = None
-        state = self._generation_state
-        # Only when the sampled T is the head's own (the temperature-head ablation samples at T = 1).
-        reuse = state is not None and state.mode == "dynamic" and state.use_temperature_head and logits.shape[1] == 1
-        if self.config.top_p_features and reuse and logits.shape[0] <= STATS_CHUNK_ROWS:
+        stats = scaled = None
+        keep_scaled = keep_scaled and logits.shape[1] == 1 and logits.shape[0] <= STATS_CHUNK_ROWS
+        if self.config.top_p_features and keep_scaled:
             with torch.no_grad():
-                # One position per sequence, exactly the scaled logits _decode_step will filter: keep them.
-                scaled = scale_logits(logits[:, 0], temperature.detach()[:, 0])
-                stats, log_z, top_values = distribution_stats(scaled, window=NUCLEUS_WINDOW)
-                self._decode_reuse = (scaled, log_z, top_values)
+                # One position per sequence, exactly the scaled logits the nucleus will filter: keep them.
+                flat_scaled = scale_logits(logits[:, 0], temperature.detach()[:, 0])
+                stats, log_z, top_values = distribution_stats(flat_scaled, window=NUCLEUS_WINDOW)
+                scaled = (flat_scaled, log_z, top_values)
                 stats = stats[:, None]
         elif self.config.top_p_features:
             with torch.no_grad():  # the statistics are features of a detached T: no gradient to carry
@@ -473,7 +474,7 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
                     ]
                 ).reshape(*temperature.shape, -1)
         top_p = self.top_p_head(hidden, temperature, stats)
-        return temperature, top_p
+        return temperature, top_p, scaled
 
     def forward(
         self,
@@ -531,9 +532,12 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         temperature = top_p = None
         if state is None or state.mode != "static":
-            temperature, top_p = self.predict_decoding(hidden, logits)
+            # The nucleus can reuse the statistics' scaled logits only when it samples at the head's own T
+            # (the temperature-head ablation samples at T = 1).
+            keep_scaled = state is not None and state.mode == "dynamic" and state.use_temperature_head
+            temperature, top_p, scaled = self._predict_decoding(hidden, logits, keep_scaled)
         if state is not None and temperature is not None:
-            logits = self._decode_step(state, logits, temperature, top_p, past_length, input_ids, inputs_embeds)
+            logits = self._decode_step(state, logits, temperature, top_p, scaled, past_length, input_ids, inputs_embeds)
 
         loss = temperature_loss = top_p_loss = None
         if labels is not None:
@@ -550,7 +554,7 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             top_p_loss=top_p_loss,
         )
 
-    def _decode_step(self, state, logits, temperature, top_p, past_length, input_ids, inputs_embeds):
+    def _decode_step(self, state, logits, temperature, top_p, scaled, past_length, input_ids, inputs_embeds):
         """Record the last position's (T, P) and, when sampling dynamically, return its dynamic logits."""
         t_last, p_last = temperature[:, -1].detach(), top_p[:, -1].detach()
         if not bool(torch.isfinite(t_last).all() & torch.isfinite(p_last).all()):
@@ -569,10 +573,9 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             return logits
         # Sigmoid can saturate to exactly 0: a zero T is the greedy limit, a zero P keeps the top token.
         p_last = p_last.clamp_min(torch.finfo(torch.float32).tiny)
-        reuse, self._decode_reuse = self._decode_reuse, None
-        if reuse is not None:  # predict_decoding scaled these logits by the same (clamped) T
-            scaled, log_z, top_values = reuse
-            decoded = nucleus_filter(scaled, p_last, log_z=log_z, top_values=top_values)
+        if scaled is not None:  # the statistics scaled these logits by the same (clamped) T
+            flat_scaled, log_z, top_values = scaled
+            decoded = nucleus_filter(flat_scaled, p_last, log_z=log_z, top_values=top_values)
         else:
             decoded = dynamic_logits(logits[:, -1], t_last.clamp_min(MIN_TEMPERATURE), p_last, validate=False)
         if logits.shape[1] == 1:

@@ -25,7 +25,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from autodeco.cli import load_tokenizer, resolve_dtype
 from autodeco.trainer import DEFAULT_TRAINING_ARGUMENTS, FORCED_TRAINING_ARGUMENTS
