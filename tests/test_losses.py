@@ -69,6 +69,17 @@ def assert_grad_close(actual, expected, name, rtol=GRAD_RTOL):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name} grad: {m}")
 
 
+def assert_matches_top_p_reference(result, logits, temperature, top_p, labels, **kwargs):
+    """(loss, dT, dP) of the fast path against the naive formula evaluated in float64 on the same inputs."""
+    loss, g_t, g_p = result
+    ref, r_t, r_p = top_p_with_grads(
+        _soft_top_p_loss_reference, logits, temperature, top_p, labels, dtype=torch.float64, **kwargs
+    )
+    assert_loss_close(loss, ref)
+    assert_grad_close(g_t, r_t, "temperature")
+    assert_grad_close(g_p, r_p, "top_p")
+
+
 # --- soft top-p ---------------------------------------------------------------------------------------
 
 
@@ -77,13 +88,8 @@ def assert_grad_close(actual, expected, name, rtol=GRAD_RTOL):
 def test_soft_top_p_matches_float64_reference(shape, dft):
     logits, temperature, top_p, labels = make_batch(shape, seed=len(shape))
     loss, g_t, g_p = top_p_with_grads(soft_top_p_loss, logits, temperature, top_p, labels, dft=dft, chunk_size=7)
-    ref, r_t, r_p = top_p_with_grads(
-        _soft_top_p_loss_reference, logits, temperature, top_p, labels, dtype=torch.float64, dft=dft
-    )
     assert loss.dtype == torch.float32
-    assert_loss_close(loss, ref)
-    assert_grad_close(g_t, r_t, "temperature")
-    assert_grad_close(g_p, r_p, "top_p")
+    assert_matches_top_p_reference((loss, g_t, g_p), logits, temperature, top_p, labels, dft=dft)
     assert (g_t[labels == IGNORE_INDEX] == 0).all() and (g_p[labels == IGNORE_INDEX] == 0).all()
 
 
@@ -92,12 +98,7 @@ def test_soft_top_p_alpha(alpha):
     # 1e4 makes every tail mask underflow to 0, so sum(p m) rests on the nucleus and SOFT_TOP_P_EPS.
     logits, temperature, top_p, labels = make_batch((17,), seed=5)
     loss, g_t, g_p = top_p_with_grads(soft_top_p_loss, logits, temperature, top_p, labels, alpha=alpha)
-    ref, r_t, r_p = top_p_with_grads(
-        _soft_top_p_loss_reference, logits, temperature, top_p, labels, dtype=torch.float64, alpha=alpha
-    )
-    assert_loss_close(loss, ref)
-    assert_grad_close(g_t, r_t, "temperature")
-    assert_grad_close(g_p, r_p, "top_p")
+    assert_matches_top_p_reference((loss, g_t, g_p), logits, temperature, top_p, labels, alpha=alpha)
 
 
 def test_soft_top_p_float64_path_matches_reference_tightly():
@@ -147,12 +148,7 @@ def test_soft_top_p_bf16_logits_with_ties():
     torch.testing.assert_close(gt_bf16, gt_fp32, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gp_bf16, gp_fp32, rtol=1e-5, atol=1e-7)
     # The reference sorts p with a stable sort, i.e. ties in vocabulary order too.
-    ref, r_t, r_p = top_p_with_grads(
-        _soft_top_p_loss_reference, logits_bf16, temperature, top_p, labels, dtype=torch.float64
-    )
-    assert_loss_close(loss_bf16, ref)
-    assert_grad_close(gt_bf16, r_t, "temperature")
-    assert_grad_close(gp_bf16, r_p, "top_p")
+    assert_matches_top_p_reference((loss_bf16, gt_bf16, gp_bf16), logits_bf16, temperature, top_p, labels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -163,12 +159,7 @@ def test_signed_zero_logits_tie_with_positive_zero(dtype):
     temperature = torch.tensor([0.7, 1.3])
     top_p = torch.tensor([0.35, 0.5])  # cuts through the tied zeros
     loss, g_t, g_p = top_p_with_grads(soft_top_p_loss, logits, temperature, top_p, labels, dft=False)
-    ref, r_t, r_p = top_p_with_grads(
-        _soft_top_p_loss_reference, logits, temperature, top_p, labels, dtype=torch.float64, dft=False
-    )
-    assert_loss_close(loss, ref)
-    assert_grad_close(g_t, r_t, "temperature")
-    assert_grad_close(g_p, r_p, "top_p")
+    assert_matches_top_p_reference((loss, g_t, g_p), logits, temperature, top_p, labels, dft=False)
 
 
 def test_fp16_logits_match_fp32_of_same_values():
@@ -300,12 +291,7 @@ def test_extreme_temperature_and_top_p_stay_finite():
     top_p = torch.full((2, 10), 1e-3)
     loss, g_t, g_p = top_p_with_grads(soft_top_p_loss, logits, temperature, top_p, labels)
     assert torch.isfinite(loss) and torch.isfinite(g_t).all() and torch.isfinite(g_p).all()
-    ref, r_t, r_p = top_p_with_grads(
-        _soft_top_p_loss_reference, logits, temperature, top_p, labels, dtype=torch.float64
-    )
-    assert_loss_close(loss, ref)
-    assert_grad_close(g_t, r_t, "temperature")
-    assert_grad_close(g_p, r_p, "top_p")
+    assert_matches_top_p_reference((loss, g_t, g_p), logits, temperature, top_p, labels)
     loss, g_t = temperature_with_grad(temperature_loss, logits, temperature, labels, easy_token_mask_ratio=0.0)
     assert torch.isfinite(loss) and torch.isfinite(g_t).all()
 
