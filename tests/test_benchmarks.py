@@ -201,3 +201,23 @@ def test_ifeval_is_rejected_with_field_and_line():
     path = _shared("ifeval")
     with pytest.raises(ValueError, match=r"ifeval\.jsonl line 1: missing required field 'problem'.*'prompt'"):
         load_benchmark(str(path))
+
+
+def test_exact_kind_scores_the_last_box_character_for_character(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"problem": "Find two of 23 41 17 35 that add up to 58.", "gt": "23+35", "kind": "exact"}\n')
+    bench = load_benchmark(str(path))
+    assert bench.kind == "exact"
+    problem = bench.problems[0]
+    assert score(problem, "23 + 41 = 64 no\n23 + 35 = 58 yes\n\\boxed{23 + 35}")
+    assert not score(problem, "\\boxed{35+23}")  # exact: another spelling is another answer
+    assert not score(problem, "\\boxed{58}")
+    assert not score(problem, "23 + 35 = 58")  # no box, no answer
+    assert scoring.extract_answer("\\boxed{ 23+ 35 }", "exact") == "23+35"
+
+
+def test_row_kinds_must_agree(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"problem": "a", "gt": "1", "kind": "exact"}\n{"problem": "b", "gt": "2", "kind": "math"}\n')
+    with pytest.raises(ValueError, match=r"line 2: field 'kind' is 'math'"):
+        load_benchmark(str(path))

@@ -8,7 +8,9 @@
 A benchmark is a JSONL file, one problem per line: ``{"problem": str, "gt": str, "id": optional}``
 (``gt`` may be a JSON number; it becomes a string). Its name is the file stem; ids default to
 ``"<name>-<line>"``. The kind is inferred unless given: every ``gt`` a single letter A-J → "choice"
-(GPQA, MMLU-Pro), otherwise "math" (AIME, HMMT, BRUMO, BeyondAIME). Malformed files fail with the file
+(GPQA, MMLU-Pro), otherwise "math" (AIME, HMMT, BRUMO, BeyondAIME). Kind "exact" (the last \\boxed{}
+must equal ``gt`` character for character, whitespace aside; the demo's tasks) is never inferred: pass it,
+or give the lines a ``"kind": "exact"`` field. Malformed files fail with the file
 name, the 1-based line and what is wrong (a file in another schema, like IFEval's ``prompt`` /
 ``instruction_id_list``, is rejected rather than scored as nonsense).
 
@@ -25,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autodeco.evaluation.scoring import CHOICE_LETTERS, score_choice, score_math, score_math_many
+from autodeco.evaluation.scoring import CHOICE_LETTERS, score_choice, score_exact, score_math, score_math_many
 
 __all__ = [
     "Problem",
@@ -39,7 +41,7 @@ __all__ = [
     "score_many",
 ]
 
-KINDS = ("math", "choice")
+KINDS = ("math", "choice", "exact")
 # The paper's prompts: reason, then put the final answer within \boxed{} (scoring reads the last box).
 DEFAULT_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_CHOICE_INSTRUCTION = (
@@ -58,7 +60,7 @@ class Problem:
     problem: str
     gt: str
     benchmark: str
-    kind: str  # "math" | "choice"
+    kind: str  # "math" | "choice" | "exact"
 
 
 @dataclass
@@ -125,6 +127,7 @@ def _load_jsonl(path: Path, kind: str | None, limit: int | None) -> Benchmark:
     name = path.stem
     rows: list[tuple[str, str, str, str]] = []
     seen: dict[str, int] = {}
+    file_kind = None  # an optional per-line "kind" field (e.g. "exact", which is never inferred)
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -159,8 +162,16 @@ def _load_jsonl(path: Path, kind: str | None, limit: int | None) -> Benchmark:
             if problem_id in seen:
                 raise ValueError(f"{where}: duplicate id {problem_id!r} (first used on line {seen[problem_id]}).")
             seen[problem_id] = line_number
+            row_kind = record.get("kind")
+            if row_kind is not None:
+                if row_kind not in KINDS:
+                    raise ValueError(f"{where}: field 'kind' must be one of {', '.join(KINDS)}, got {row_kind!r}.")
+                if file_kind is not None and row_kind != file_kind:
+                    raise ValueError(f"{where}: field 'kind' is {row_kind!r} but an earlier line says {file_kind!r}; "
+                                     "a benchmark file has one kind.")
+                file_kind = row_kind
             rows.append((problem_id, text, gt, where))
-    return _finish(name, rows, kind, limit, str(path))
+    return _finish(name, rows, kind if kind is not None else file_kind, limit, str(path))
 
 
 def _load_hf(spec: str, kind: str | None, limit: int | None) -> Benchmark:
@@ -262,6 +273,8 @@ def score(problem: Problem, completion: str) -> bool:
         return score_math(completion, problem.gt)
     if problem.kind == "choice":
         return score_choice(completion, problem.gt)
+    if problem.kind == "exact":
+        return score_exact(completion, problem.gt)
     raise ValueError(f"Problem {problem.id!r} has unknown kind {problem.kind!r}; expected one of {', '.join(KINDS)}.")
 
 

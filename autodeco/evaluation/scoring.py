@@ -277,14 +277,37 @@ def extract_choice_answer(completion: str) -> str | None:
     return None
 
 
+def extract_exact_answer(completion: str) -> str | None:
+    """The content of the last \\boxed{...} with all whitespace removed (None without a box): what kind "exact"
+    compares, character for character, with the gold answer."""
+    if not isinstance(completion, str):
+        return None
+    boxed = last_boxed(completion)
+    if boxed is None or len(boxed) > MAX_ANSWER_CHARS:
+        return None
+    return "".join(boxed.split()) or None
+
+
+def score_exact(completion: str, gold: str) -> bool:
+    """Whether the last \\boxed{...} equals `gold` exactly, whitespace aside (e.g. "23+35" for "\\boxed{23 + 35}").
+    For answers that must be checked as written (an expression naming a choice), not up to equivalence."""
+    if not isinstance(gold, str) or not gold.strip():
+        raise ValueError(f"score_exact: gold must be a non-empty string, got {gold!r}.")
+    answer = extract_exact_answer(completion)
+    return answer is not None and answer == "".join(gold.split())
+
+
 def extract_answer(completion: str, kind: str) -> str | None:
     """The normalised final answer, for majority voting: kind "math" → normalize_math_answer of the
-    extracted answer; kind "choice" → the letter. None when no answer can be found (or on bad input)."""
-    if kind not in ("math", "choice"):
-        raise ValueError(f"Unknown answer kind {kind!r}: use 'math' or 'choice'.")
+    extracted answer; kind "choice" → the letter; kind "exact" → the last box without whitespace. None when
+    no answer can be found (or on bad input)."""
+    if kind not in ("math", "choice", "exact"):
+        raise ValueError(f"Unknown answer kind {kind!r}: use 'math', 'choice' or 'exact'.")
     try:
         if kind == "choice":
             return extract_choice_answer(completion)
+        if kind == "exact":
+            return extract_exact_answer(completion)
         answer = extract_math_answer(completion)
         if answer is None or len(answer) > MAX_ANSWER_CHARS:
             return None
