@@ -18,6 +18,7 @@ from autodeco.evaluation import runner
 from autodeco.evaluation.benchmarks import build_prompt, load_benchmark
 from autodeco.evaluation.data_builder import build_training_data
 from autodeco.evaluation.eval_cli import main as cli_main
+from autodeco.evaluation.methods import static_method
 from autodeco.evaluation.runner import Completion
 from autodeco.testing import EOS_ID, save_tiny_base
 
@@ -120,3 +121,57 @@ def test_real_model_and_cli(tiny, problems, tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_per_problem must be a positive integer"):
         build_training_data(None, None, [problems], output=out, max_per_problem=0)
+
+
+SPEC = static_method(1.0, 1.0).spec  # the data builder samples the base distribution
+
+
+def test_packed_sampling_same_rows_fewer_calls_and_resumes(tiny, problems, tmp_path, monkeypatch):
+    _, model, tokenizer = tiny
+    monkeypatch.setattr(runner, "score_completions", exact_scorer)
+    kw = dict(max_per_problem=2, batch_size=12, progress=False, verbose=False)  # 12 // n=6: 2 problems per call
+
+    monkeypatch.setattr(runner, "generate_completions", Stub(tokenizer))
+    build_training_data(model, tokenizer, [problems], 6, output=tmp_path / "plain.jsonl", **kw)
+    expected = (tmp_path / "plain.jsonl").read_text()
+
+    class Dies(Stub):
+        def __call__(self, *args, **kwargs):
+            if len(self.calls) == 1:
+                raise KeyboardInterrupt("killed by the test")
+            return super().__call__(*args, **kwargs)
+
+    out = tmp_path / "packed.jsonl"
+    monkeypatch.setattr(runner, "generate_completions", Dies(tokenizer))
+    with pytest.raises(KeyboardInterrupt):
+        build_training_data(model, tokenizer, [problems], 6, output=out, pack_samples=True, **kw)
+    samples = [json.loads(line) for line in (tmp_path / "packed.jsonl.samples.jsonl").read_text().splitlines()]
+    seed = runner.sampling_seed(0, SPEC, "train_problems", "a", 0)
+    assert [(s["problem_id"], s["sampling_seed"], s["packed_problems"]) for s in samples] == [("a", seed, 2),
+                                                                                              ("b", seed, 2)]
+
+    stub = Stub(tokenizer)
+    monkeypatch.setattr(runner, "generate_completions", stub)
+    stats = build_training_data(model, tokenizer, [problems], 6, output=out, pack_samples=True, **kw)
+    (requests, _), = stub.calls  # only the pending problem is sampled on the rerun
+    assert [re.search(r"ID=(\w+)", r.prompt).group(1) for r in requests] == ["c"]
+    assert requests[0].seed == runner.sampling_seed(0, SPEC, "train_problems", "c", 0)
+    assert out.read_text() == expected and stats["total"]["kept"] == 3  # the same rows as unpacked sampling
+
+    # One call samples every pending problem, under one seed and group, when batch_size allows.
+    stub = Stub(tokenizer)
+    monkeypatch.setattr(runner, "generate_completions", stub)
+    build_training_data(model, tokenizer, [problems], 6, output=tmp_path / "one.jsonl", pack_samples=True,
+                        **{**kw, "batch_size": 18})
+    (requests, _), = stub.calls
+    assert len(requests) == 3 and len({(r.seed, r.group) for r in requests}) == 1 and requests[0].group is not None
+
+
+def test_packed_real_model_cli(tiny, problems, tmp_path):
+    root, _, _ = tiny
+    out = tmp_path / "packed.jsonl"
+    assert cli_main(["data", "--model", str(root / "base"), "--problems", str(problems), "--n", "2", "--output", str(out),
+                     "--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu", "--no-progress",
+                     "--pack-samples"]) == 0
+    samples = [json.loads(line) for line in (tmp_path / "packed.jsonl.samples.jsonl").read_text().splitlines()]
+    assert [s["packed_problems"] for s in samples] == [2, 2, 1] and all(len(s["completions"]) == 2 for s in samples)

@@ -519,5 +519,154 @@ def test_every_flag_has_help(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--oracle-n", "--oracle-seeds", "--calibration", "--diagnose", "--k", "--limit", "--template"):
+    for flag in ("--oracle-n", "--oracle-seeds", "--calibration", "--diagnose", "--k", "--limit", "--template",
+                 "--pack-samples"):
         assert flag in text
+
+
+# ------------------------------------------------------------------------------------------------ packed sampling
+
+
+class EchoModel:
+    """Stands in for a causal LM's `generate`: every sequence echoes its own prompt (padding dropped), then one token
+    drawn from torch's global RNG (so seeding matters; a fixed one when do_sample=False), then EOS, and reports
+    T = 0.5, P = 0.9 per token. Each call's (prompts, num_return_sequences) is logged; `fail_after` calls kill it."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, fail_after=None):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(name_or_path="echo")
+        self.generation_config = SimpleNamespace(eos_token_id=EOS_ID)
+        self.calls: list[tuple[int, int]] = []
+        self.fail_after = fail_after
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, num_return_sequences, return_dict_in_generate,
+                 pad_token_id, do_sample=True, **kwargs):
+        from types import SimpleNamespace
+
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("killed by the test")
+        self.calls.append((input_ids.shape[0], num_return_sequences))
+        ids = input_ids.repeat_interleave(num_return_sequences, 0)
+        mask = attention_mask.repeat_interleave(num_return_sequences, 0).bool()
+        rows = [row[m].tolist() + [int(torch.randint(4, 56, ())) if do_sample else 10, EOS_ID]
+                for row, m in zip(ids, mask)]
+        width = max(len(r) for r in rows)
+        generated = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+        return SimpleNamespace(sequences=torch.cat([ids, generated], 1), temperatures=torch.full(generated.shape, 0.5),
+                               top_ps=torch.full(generated.shape, 0.9))
+
+
+def echo_scorer(problem, completions):
+    """A completion is right when it echoes its own problem's prompt: checks prompt/completion alignment."""
+    return [f"ID={problem.id}." in c for c in completions]
+
+
+@pytest.fixture
+def b5(tmp_path):
+    return write_benchmark(tmp_path / "b5.jsonl", [{"id": f"p{i}", "problem": f"ID=p{i}. What is {i}+1?", "gt": str(i + 1)}
+                                                   for i in range(5)])
+
+
+def records_without_timing(directory):
+    return {k: {f: v for f, v in r.items() if f not in ("seconds", "rank")}
+            for k, r in RecordStore(directory).read(keep_completions=True).items()}
+
+
+def test_generate_completions_packs_a_group_into_one_seeded_call():
+    from autodeco.testing import build_char_tokenizer
+
+    tokenizer, model = build_char_tokenizer(), EchoModel()
+    prompts = [f"ID=x{i}. " + "pad " * i for i in range(3)]  # different lengths: left padded
+    gen = lambda requests, batch: runner.generate_completions(model, tokenizer, requests, generation_kwargs={},
+                                                              max_new_tokens=4, batch_size=batch)
+    packed = [runner.GenerationRequest(p, 2, seed=7, group="g") for p in prompts]
+    out = gen(packed, 4)
+    assert model.calls == [(2, 2), (1, 2)]  # batch 4 // n 2 = 2 prompts per call, one seed for the group
+    assert [len(c) for c in out] == [2, 2, 2]
+    assert all(f"ID=x{i}." in c.text for i, cs in enumerate(out) for c in cs)  # row j * n + r -> prompt j
+    assert [[c.token_ids for c in cs] for cs in gen(packed, 4)] == [[c.token_ids for c in cs] for cs in out]
+    model.calls.clear()
+    gen([runner.GenerationRequest(p, 3, seed=7, group="g") for p in prompts[:2]], 2)  # n > batch: per prompt
+    assert model.calls == [(1, 2), (1, 1), (1, 2), (1, 1)]
+    model.calls.clear()
+    # A group of one is sampled exactly as an ungrouped request with the same seed.
+    alone = gen([runner.GenerationRequest(prompts[0], 2, seed=7)], 4)
+    assert [c.token_ids for c in alone[0]] == [c.token_ids for c in gen([packed[0]], 4)[0]]
+
+
+def test_packed_evaluation_groups_aligns_resumes_and_reproduces(b5, tmp_path, monkeypatch):
+    from autodeco.testing import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    monkeypatch.setattr(runner, "score_completions", echo_scorer)
+    bench = load_benchmark(str(b5))
+    kw = dict(n=2, seeds=2, ks=(1, 4), max_new_tokens=4, batch_size=6, plots=False, progress=False)
+    run = lambda model, out, **extra: run_evaluation(model, tokenizer, [bench], parse_methods("greedy,autodeco"),
+                                                     output_dir=tmp_path / out, **{**kw, **extra})
+
+    model = EchoModel()
+    results = run(model, "packed", pack_samples=True)
+    # greedy: one call of 5 prompts; autodeco: per seed, units of 6 // 2 = 3 problems: [p0 p1 p2], [p3 p4]
+    assert sorted(model.calls) == sorted([(5, 1), (3, 2), (2, 2), (3, 2), (2, 2)])
+    records = records_without_timing(tmp_path / "packed")
+    sampled = [r for r in records.values() if r["method"] == "autodeco"]
+    assert len(sampled) == 10 and all(len(r["completions"]) == 2 == len(r["correct"]) for r in sampled)
+    assert all(all(r["correct"]) for r in records.values())  # every completion echoes its own problem's prompt
+    first = {p: "p0" if int(p[1]) < 3 else "p3" for p in ("p0", "p1", "p2", "p3", "p4")}
+    assert all(r["sampling_seed"] == sampling_seed(0, "autodeco", "b5", first[r["problem_id"]], r["seed"])
+               for r in sampled)
+    assert results["results"]["autodeco"]["b5"]["pass@1"]["mean"] == 1.0 and results["settings"]["pack_samples"]
+
+    # A rerun finds every record; a fresh run with the same batch_size reproduces them.
+    again = EchoModel()
+    assert strip_timing(run(again, "packed", pack_samples=True)) == strip_timing(results) and again.calls == []
+    run(EchoModel(), "packed2", pack_samples=True)
+    assert records_without_timing(tmp_path / "packed2") == records
+
+    # Unpacked: one call per sampled item, and no key is shared (nor with another packed batch_size).
+    unpacked = EchoModel()
+    run(unpacked, "unpacked")
+    assert len(unpacked.calls) == 1 + 10
+    assert not set(records) & set(records_without_timing(tmp_path / "unpacked"))
+    run(EchoModel(), "packed4", pack_samples=True, batch_size=4)
+    assert not set(records) & set(records_without_timing(tmp_path / "packed4"))
+
+    # Killed after two calls, then resumed: the same records as the uninterrupted run.
+    with pytest.raises(KeyboardInterrupt):
+        run(EchoModel(fail_after=2), "killed", pack_samples=True)
+    assert 0 < len(records_without_timing(tmp_path / "killed")) < len(records)
+    run(EchoModel(), "killed", pack_samples=True)
+    assert records_without_timing(tmp_path / "killed") == records
+
+    # A unit with one record missing is regenerated whole (one call) and only that record is written back.
+    path = tmp_path / "packed" / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    missing = next(i for i, line in enumerate(lines) if json.loads(line)["problem_id"] == "p1"
+                   and json.loads(line)["method"] == "autodeco")
+    path.write_text("".join(lines[:missing] + lines[missing + 1 :]))
+    resumed = EchoModel()
+    run(resumed, "packed", pack_samples=True)
+    assert resumed.calls == [(3, 2)] and records_without_timing(tmp_path / "packed") == records
+    assert len(path.read_text().splitlines()) == len(lines)
+
+
+def test_packed_oracle_and_meanshift(b5, tmp_path, monkeypatch):
+    from autodeco.testing import build_char_tokenizer
+
+    monkeypatch.setattr(runner, "score_completions", echo_scorer)
+    model = EchoModel()
+    results = run_evaluation(model, build_char_tokenizer(), [load_benchmark(str(b5))], parse_methods("oracle,meanshift"),
+                             n=2, seeds=1, ks=(1,), max_new_tokens=4, batch_size=6, oracle_n=1, output_dir=tmp_path,
+                             plots=False, progress=False, pack_samples=True)
+    # every completion is right: ties go to the largest T and P; meanshift takes the heads' reported T, P
+    assert (results["oracle"]["b5"]["temperature"], results["oracle"]["b5"]["top_p"]) == (max(ORACLE_TEMPERATURES), 1.0)
+    assert (results["meanshift"]["temperature"], results["meanshift"]["top_p"]) == (0.5, 0.9)
+    # oracle grid (10 T + 9 P, n=1: all 5 problems per call), its rerun at n=2, autodeco and meanshift (3 + 2 each)
+    assert len(model.calls) == 19 + 3 * 2
+    assert results["results"]["oracle"]["b5"]["completions"] == 10

@@ -21,6 +21,14 @@ makes it, chat template included, which autodeco.data uses as is), `completion` 
 removed), plus `id` and `benchmark` for bookkeeping. It is written atomically. The samples themselves are appended
 to OUTPUT.samples.jsonl as each problem finishes, so a killed run resumes where it stopped, and a rerun with another
 --max-per-problem only re-filters.
+
+Packed sampling (`pack_samples=True`, CLI `--pack-samples`; off by default; much faster for small models, where the
+per-call overhead of `generate` dominates): the pending problems (those without stored samples) of each file are
+sampled in calls of up to max(1, batch_size // n) consecutive problems, each call ONE `generate` over the left-padded
+prompts with `num_return_sequences=n`, seeded once from `seed` and the call's first problem id. The samples then
+depend on batch_size and on which problems were pending (deterministic given both); each record stores the call's
+`sampling_seed` and `packed_problems`. Stored samples are reused whichever mode made them (the key does not include
+the mode: both sample the same distribution), so a killed packed run resumes with the problems it had not finished.
 """
 
 from __future__ import annotations
@@ -66,11 +74,14 @@ def build_training_data(
     limit: int | None = None,
     progress: bool = True,
     verbose: bool = True,
+    pack_samples: bool = False,
 ) -> dict:
     """Sample `n` solutions per problem, keep the verified, finished, distinct ones (at most `max_per_problem`
     per problem) and write them to `output` as prompt/completion JSONL. Returns (and with `verbose` prints) the
     counts per benchmark: problems, samples, finished (ended with EOS), correct, usable (correct and finished),
-    distinct (usable, deduplicated), kept (after the cap), problems_with_data (>= 1 kept)."""
+    distinct (usable, deduplicated), kept (after the cap), problems_with_data (>= 1 kept).
+
+    pack_samples: sample up to max(1, batch_size // n) problems per `generate` call (see the module docstring)."""
     from autodeco.evaluation import report, runner
 
     max_new_tokens = runner.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
@@ -110,6 +121,14 @@ def build_training_data(
             key = runner._sha([settings, b.name, problem.id, hashlib.sha256(prompt.encode()).hexdigest()])[:32]
             jobs.append((b, index, problem, prompt, key))
     pending = [job for job in jobs if job[4] not in done]
+    # Calls: one problem each, or (packed) up to max(1, batch_size // n) consecutive pending problems of one file.
+    calls: list[list[tuple]] = []
+    per_call = max(1, batch_size // n) if pack_samples else 1
+    for job in pending:
+        if calls and len(calls[-1]) < per_call and calls[-1][0][0] is job[0]:
+            calls[-1].append(job)
+        else:
+            calls.append([job])
     bar = None
     if progress and pending:
         from tqdm.auto import tqdm
@@ -117,18 +136,25 @@ def build_training_data(
         bar = tqdm(total=len(pending), desc="sampling solutions", unit="problem", dynamic_ncols=True)
     store.open()
     try:
-        for b, index, problem, prompt, key in pending:
-            request = runner.GenerationRequest(prompt, n, runner.sampling_seed(seed, method.spec, b.name, problem.id, 0))
-            samples = runner.generate_completions(model, tokenizer, [request], generation_kwargs=kwargs,
-                                                  max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
-            texts = [c.text for c in samples]
-            record = {"key": key, "benchmark": b.name, "problem_id": problem.id, "prompt": prompt,
-                      "completions": texts, "correct": runner.score_completions(problem, texts),
-                      "finished": [c.finished for c in samples], "tokens": [c.num_tokens for c in samples]}
-            store.append(record)
-            done[key] = record
+        for call in calls:
+            b, _, first, _, first_key = call[0]
+            call_seed = runner.sampling_seed(seed, method.spec, b.name, first.id, 0)
+            requests = [runner.GenerationRequest(prompt, n, call_seed, group=first_key if pack_samples else None)
+                        for _, _, _, prompt, _ in call]
+            outputs = runner.generate_completions(model, tokenizer, requests, generation_kwargs=kwargs,
+                                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+            for (b, index, problem, prompt, key), samples in zip(call, outputs):
+                texts = [c.text for c in samples]
+                record = {"key": key, "benchmark": b.name, "problem_id": problem.id, "prompt": prompt,
+                          "completions": texts, "correct": runner.score_completions(problem, texts),
+                          "finished": [c.finished for c in samples], "tokens": [c.num_tokens for c in samples]}
+                if pack_samples:
+                    record["sampling_seed"] = call_seed
+                    record["packed_problems"] = len(call)
+                store.append(record)
+                done[key] = record
             if bar is not None:
-                bar.update(1)
+                bar.update(len(call))
     finally:
         store.close()
         if bar is not None:

@@ -128,6 +128,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="seeds for each oracle grid point (default --seeds); with fewer, the chosen (T, P) is rerun "
                         "at --n x --seeds")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    p.add_argument("--pack-samples", action="store_true",
+                   help="sample up to max(1, batch_size // n) problems in one generate call instead of one "
+                        "problem per call: much faster for small models; results then depend on --batch-size "
+                        "(which then enters the records' key)")
     p.add_argument("--diagnose", nargs="+", metavar="FILE", default=None,
                    help="instead of evaluating, teacher-force the model over these training-format JSONL files and "
                         "print the inverse-temperature gain decomposition (saved to OUTPUT_DIR/diagnostics.json)")
@@ -156,6 +160,10 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                    help="keep at most this many distinct correct solutions per problem (default: all)")
     p.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=_positive_float, default=1.0, help="sampling top-p in (0, 1] (default 1.0)")
+    p.add_argument("--pack-samples", action="store_true",
+                   help="sample up to max(1, batch_size // n) problems in one generate call instead of one "
+                        "problem per call: much faster for small models; results then depend on --batch-size (and "
+                        "on which problems were still pending)")
     _common_model_flags(p)
     p.set_defaults(func=cmd_data)
     return p
@@ -280,7 +288,7 @@ def cmd_eval(args) -> dict:
         batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
         calibration_files=args.calibration, template=template, accelerator=state,
         oracle_n=args.oracle_n, oracle_seeds=args.oracle_seeds, seed=args.seed,
-        plots=not args.no_plots, progress=not args.no_progress,
+        plots=not args.no_plots, progress=not args.no_progress, pack_samples=args.pack_samples,
     )
     if state.is_main_process:
         print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"), flush=True)
@@ -332,7 +340,7 @@ def cmd_data(args) -> dict:
         model, tokenizer, args.problems, args.n, output=args.output, max_per_problem=args.max_per_problem,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=template,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, limit=args.limit,
-        progress=not args.no_progress,
+        progress=not args.no_progress, pack_samples=args.pack_samples,
     )
 
 

@@ -20,6 +20,19 @@ is reproducible on its own, whatever else runs and on however many processes. Gr
 runs once per problem (seed 0, one sequence; up to `batch_size` problems per call, left padded) and that completion
 stands for all n x seeds samples (std over seeds is 0).
 
+Packed sampling (`pack_samples=True`, CLI `--pack-samples`; off by default): for small models, where the per-call
+overhead of `generate` dominates, sampled items of the same method, benchmark, seed index and n are grouped into
+*units* of consecutive problems (problem order), at most max(1, batch_size // n) problems per unit, and each unit is
+ONE `generate` call over its left-padded prompts with `num_return_sequences=n`, seeded once with
+`torch.manual_seed(sampling_seed(seed, method spec, benchmark, <first problem id of the unit>, seed index))` (the
+`sampling_seed` every record of the unit stores). A problem's samples then depend on its unit, so packed results are
+reproducible given the same batch_size and item list (the problems, methods, n, seeds), not item by item; the units
+are formed over the phase's whole item list (not only the pending items), so a resumed run reproduces the
+uninterrupted one (a unit with any item missing is regenerated whole; only the missing records are written), and they
+do not depend on the number of processes. `pack_samples` and `batch_size` enter the settings hash (the record key)
+only in packed mode, so packed and unpacked records never mix and unpacked keys are unchanged. Greedy items, the
+oracle's phases and meanshift work as without packing.
+
 Metrics per (method, benchmark), in results.json (fractions) and results.md (percent):
 - pass@1: the mean correctness of the n samples of each problem, averaged over problems, for each seed; reported as
   mean +- sample std (ddof=1) over the seeds.
@@ -49,8 +62,8 @@ Files in `output_dir`
   T/P sums and means, seconds), appended, flushed and fsynced as each finishes. A rerun with the same arguments skips
   every item whose key (method spec, benchmark, problem id, seed, n, prompt and a hash of the generation settings and
   model) is present, so a killed run loses only the work in flight. A torn last line (killed mid-write) is cut off on
-  the next run. `batch_size` is not part of the key: records are reused across batch sizes (they are samples of the
-  same distribution; bit-identical reruns need the same batch size).
+  the next run. `batch_size` is not part of the key (except with packed sampling): records are reused across batch
+  sizes (they are samples of the same distribution; bit-identical reruns need the same batch size).
 - results.json, results.md, *.png (report.py), meanshift.json (calibration means, reused on reruns): written
   atomically (temporary file + os.replace), never half-written.
 
@@ -124,11 +137,16 @@ MEANSHIFT_DECIMALS = 3
 
 @dataclass
 class GenerationRequest:
-    """`num_samples` completions of `prompt`; `seed` seeds torch before sampling (None: deterministic decoding)."""
+    """`num_samples` completions of `prompt`; `seed` seeds torch before sampling (None: deterministic decoding).
+
+    `group` (optional, any hashable): consecutive seeded requests with the same non-None group, seed and num_samples
+    are sampled together after one `torch.manual_seed(seed)` (packed sampling; see generate_completions).
+    """
 
     prompt: str
     num_samples: int
     seed: int | None = None
+    group: object = None
 
 
 @dataclass
@@ -266,6 +284,10 @@ def generate_completions(model, tokenizer, requests: Sequence[GenerationRequest]
 
     A seeded request is sampled on its own: `torch.manual_seed(seed)`, then its samples in calls of at most
     `batch_size` sequences (`num_return_sequences`), so its result depends only on the request and batch_size.
+    Packed: consecutive seeded requests sharing a non-None `group`, the seed and num_samples (n) are sampled after
+    one `torch.manual_seed(seed)`, in calls of max(1, batch_size // n) left-padded prompts x n sequences (when
+    n > batch_size: prompt by prompt, in chunks of batch_size sequences), so their result depends on the whole group
+    and batch_size.
     Unseeded requests (deterministic decoding) share calls: up to `batch_size` sequences, prompts left padded.
     Out of GPU memory, the call is retried with half the batch (and the same seed) down to one sequence.
     """
@@ -279,13 +301,31 @@ def generate_completions(model, tokenizer, requests: Sequence[GenerationRequest]
         request = requests[index]
         try:
             if request.seed is not None:
+                group = [index]
+                while (request.group is not None and group[-1] + 1 < len(requests)
+                       and requests[group[-1] + 1].group == request.group
+                       and requests[group[-1] + 1].seed == request.seed
+                       and requests[group[-1] + 1].num_samples == request.num_samples):
+                    group.append(group[-1] + 1)
+                ns = request.num_samples
                 torch.manual_seed(request.seed)
-                done: list[Completion] = []
-                while len(done) < request.num_samples:
-                    chunk = min(size, request.num_samples - len(done))
-                    done += _generate_batch(model, tokenizer, [encoded[index]], chunk, generation_kwargs, max_new_tokens)
-                results[index] = done
-                index += 1
+                if ns <= size:  # whole prompts per call: row j * ns + r is sample r of the call's prompt j
+                    per_call = size // ns
+                    for start in range(0, len(group), per_call):
+                        part = group[start : start + per_call]
+                        flat = _generate_batch(model, tokenizer, [encoded[i] for i in part], ns, generation_kwargs,
+                                               max_new_tokens)
+                        for j, i in enumerate(part):
+                            results[i] = flat[j * ns : (j + 1) * ns]
+                else:  # one prompt's samples in chunks of `size` sequences
+                    for i in group:
+                        done: list[Completion] = []
+                        while len(done) < ns:
+                            chunk = min(size, ns - len(done))
+                            done += _generate_batch(model, tokenizer, [encoded[i]], chunk, generation_kwargs,
+                                                    max_new_tokens)
+                        results[i] = done
+                index = group[-1] + 1
             else:
                 group = [index]
                 total = request.num_samples
@@ -497,6 +537,7 @@ class _Context:
     rank: int
     world_size: int
     progress: bool
+    pack_samples: bool = False
     prompts: dict = field(default_factory=dict)  # (benchmark, problem index) -> prompt text
 
 
@@ -518,16 +559,27 @@ def _make_items(ctx: _Context, method: Method, benchmark: Benchmark, n: int, see
     return items
 
 
-def _units(items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+def _units(items: list[WorkItem], batch_size: int, pack_samples: bool = False) -> list[list[WorkItem]]:
     """Group items into the units that are generated together and dealt to processes. Greedy items of one method
-    and benchmark share calls (up to batch_size prompts); every sampled item is its own unit. The grouping depends
-    only on the item list, so results do not depend on the number of processes."""
+    and benchmark share calls (up to batch_size prompts). Every sampled item is its own unit, unless
+    `pack_samples`: then sampled items of one method, benchmark, seed index and n form units of consecutive problems
+    (in list order), at most max(1, batch_size // n) per unit. The grouping depends only on the item list, so
+    results do not depend on the number of processes."""
     units: list[list[WorkItem]] = []
+    open_units: dict[tuple, list[WorkItem]] = {}  # packed: the last unit of each (method, benchmark, seed, n)
     for item in items:
         last = units[-1] if units else None
         if (item.deterministic and last and last[0].deterministic and last[0].method == item.method
                 and last[0].benchmark == item.benchmark and len(last) < batch_size):
             last.append(item)
+        elif pack_samples and not item.deterministic:
+            group = (item.method.spec, item.benchmark, item.seed, item.n)
+            unit = open_units.get(group)
+            if unit is not None and len(unit) < max(1, batch_size // item.n):
+                unit.append(item)
+            else:
+                open_units[group] = [item]
+                units.append(open_units[group])
         else:
             units.append([item])
     return units
@@ -549,11 +601,17 @@ def _summarise(values: list[float] | None) -> tuple[float, int]:
 def _run_unit(ctx: _Context, unit: list[WorkItem]) -> list[dict]:
     method = unit[0].method
     kwargs = generation_kwargs(method)
-    requests = [
-        GenerationRequest(item.prompt, item.n, None if item.deterministic else
-                          sampling_seed(ctx.base_seed, method.spec, item.benchmark, item.problem.id, item.seed))
-        for item in unit
-    ]
+    if ctx.pack_samples and not unit[0].deterministic:
+        # One seed for the unit (that of its first problem), its prompts sampled together.
+        first = unit[0]
+        seed = sampling_seed(ctx.base_seed, method.spec, first.benchmark, first.problem.id, first.seed)
+        requests = [GenerationRequest(item.prompt, item.n, seed, group=first.key) for item in unit]
+    else:
+        requests = [
+            GenerationRequest(item.prompt, item.n, None if item.deterministic else
+                              sampling_seed(ctx.base_seed, method.spec, item.benchmark, item.problem.id, item.seed))
+            for item in unit
+        ]
     start = time.perf_counter()
     completions = generate_completions(ctx.model, ctx.tokenizer, requests, generation_kwargs=kwargs,
                                        max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size)
@@ -606,13 +664,20 @@ def _run_unit(ctx: _Context, unit: list[WorkItem]) -> list[dict]:
 
 
 def _execute(ctx: _Context, store: RecordStore, items: list[WorkItem], done: set[str], desc: str) -> None:
-    """Run the pending items of this phase that fall to this rank, appending each record as it finishes."""
+    """Run the pending items of this phase that fall to this rank, appending each record as it finishes.
+
+    Packed sampling: sampled units are formed over the phase's whole item list, so they do not depend on what an
+    interrupted run finished; a unit with any pending item is regenerated whole and only its pending records are
+    written."""
     pending, seen = [], set()
     for item in items:
-        if item.key not in done and item.key not in seen:
-            seen.add(item.key)
+        if item.key in seen:
+            continue
+        seen.add(item.key)
+        if item.key not in done or (ctx.pack_samples and not item.deterministic):
             pending.append(item)
-    units = _units(pending, ctx.batch_size)
+    units = [unit for unit in _units(pending, ctx.batch_size, ctx.pack_samples)
+             if any(item.key not in done for item in unit)]
     mine = units[ctx.rank :: ctx.world_size]
     if not mine:
         return
@@ -620,15 +685,20 @@ def _execute(ctx: _Context, store: RecordStore, items: list[WorkItem], done: set
     if ctx.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(u) for u in mine), desc=desc if ctx.world_size == 1 else f"{desc} [rank {ctx.rank}]",
+        total = sum(1 for u in mine for item in u if item.key not in done)
+        bar = tqdm(total=total, desc=desc if ctx.world_size == 1 else f"{desc} [rank {ctx.rank}]",
                    unit="item", file=sys.stderr, dynamic_ncols=True, position=ctx.rank)
     try:
         for unit in mine:
+            written = 0
             for record in _run_unit(ctx, unit):
+                if record["key"] in done:  # packed: a finished item of a unit that is regenerated
+                    continue
                 store.append(record)
                 done.add(record["key"])
+                written += 1
             if bar is not None:
-                bar.update(len(unit))
+                bar.update(written)
     finally:
         if bar is not None:
             bar.close()
@@ -798,9 +868,13 @@ def run_evaluation(
     seed: int = 0,
     plots: bool = True,
     progress: bool = True,
+    pack_samples: bool = False,
 ) -> dict:
     """Evaluate `methods` on `benchmarks` and write records.jsonl, results.json, results.md and plots to
-    `output_dir`; returns the results.json content. See the module docstring for what each number means."""
+    `output_dir`; returns the results.json content. See the module docstring for what each number means.
+
+    pack_samples: sample up to max(1, batch_size // n) problems per `generate` call (much faster for small models;
+    results then depend on batch_size; see "Packed sampling" in the module docstring)."""
     if isinstance(methods, str):
         methods = parse_methods(methods)
     methods = list(methods)
@@ -822,8 +896,11 @@ def run_evaluation(
         "seed": seed,
         "model": model_fingerprint(model),
     }
+    if pack_samples:  # packed results depend on the grouping; unpacked keys stay as they were
+        settings["pack_samples"] = True
+        settings["batch_size"] = batch_size
     ctx = _Context(model, tokenizer, output_dir, max_new_tokens, batch_size, seed, template, _sha(settings)[:16], rank,
-                   world, progress)
+                   world, progress, bool(pack_samples))
     for b in benchmarks:
         for i, problem in enumerate(b.problems):
             ctx.prompts[(b.name, i)] = build_prompt(problem, tokenizer, template)
@@ -905,7 +982,7 @@ def run_evaluation(
         records = store.read()
         results = _assemble(ctx, benchmarks, methods, records, n=n, seeds=seeds, ks=ks, oracle_info=oracle_info,
                             meanshift_info=meanshift_info, oracle_n=oracle_n, oracle_seeds=oracle_seeds,
-                            batch_size=batch_size, calibration_files=calibration_files)
+                            batch_size=batch_size, calibration_files=calibration_files, pack_samples=pack_samples)
         from autodeco.evaluation import report
 
         plot_data = _plot_data(ctx, benchmarks, methods, records, oracle_info) if plots else None
@@ -991,7 +1068,7 @@ def _fmt(x: float) -> str:
 
 
 def _assemble(ctx, benchmarks, methods, records, *, n, seeds, ks, oracle_info, meanshift_info, oracle_n, oracle_seeds,
-              batch_size, calibration_files) -> dict:
+              batch_size, calibration_files, pack_samples=False) -> dict:
     results: dict[str, dict] = {}
     labels: dict[str, str] = {}
     notes: list[str] = []
@@ -1072,7 +1149,7 @@ def _assemble(ctx, benchmarks, methods, records, *, n, seeds, ks, oracle_info, m
             "n": n, "seeds": seeds, "ks": list(ks), "max_new_tokens": ctx.max_new_tokens, "batch_size": batch_size,
             "template": ctx.template, "seed": ctx.base_seed, "oracle_n": oracle_n, "oracle_seeds": oracle_seeds,
             "processes": ctx.world_size, "calibration_files": [str(f) for f in calibration_files or ()],
-            "settings_hash": ctx.settings_hash,
+            "pack_samples": bool(pack_samples), "settings_hash": ctx.settings_hash,
         },
         "benchmarks": {b.name: {"problems": len(b.problems), "kind": b.kind} for b in benchmarks},
         "methods": [m.spec for m in methods],
