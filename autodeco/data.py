@@ -68,6 +68,7 @@ __all__ = [
     "load_examples",
     "AutoDecoDataset",
     "DataCollatorForCompletion",
+    "RowTokenizer",
 ]
 
 # The label value PyTorch's cross-entropy (and every Hugging Face causal LM) ignores.
@@ -369,6 +370,58 @@ class _ChatTokenizer:
         return len(prefix) if list(full[: len(prefix)]) == list(prefix) else None
 
 
+class RowTokenizer:
+    """Tokenises one validated row exactly as :func:`load_examples` does (before truncation).
+
+        >>> ids, labels = RowTokenizer(tokenizer)({"prompt": "Q: 1+1?\n", "completion": "2"})
+
+    ``__call__`` raises :class:`DataError` naming ``where`` when the row cannot be tokenised (bad fields, a
+    chat row without a chat template, no EOS token). Set-up probes (the tokenizer's appended special tokens,
+    the chat renderer) run once, on the first row that needs them.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self._strip_suffix: int | None = None  # probed on the first prompt/completion row
+        self._chat: _ChatTokenizer | None = None  # built on the first chat row
+
+    def __call__(self, row: dict, where: str = "row") -> tuple[list[int], list[int]]:
+        try:
+            if "messages" in row:
+                _check_messages(row["messages"])
+            else:
+                _check_prompt_completion(row)
+            return self.tokenize_unchecked(row)
+        except _BadRow as bad:
+            raise DataError(f"{where}: {bad.field_name}: {bad.problem}. Fix: {bad.fix}.") from None
+        except _FatalRowError as err:
+            raise DataError(f"{where}: {err}") from None
+
+    def tokenize_unchecked(self, row: dict) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of a row already validated by _parse_row; raises _BadRow / _FatalRowError."""
+        tokenizer = self.tokenizer
+        if "messages" in row:
+            if self._chat is None:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise _FatalRowError(
+                        'this row is a chat row ("messages") but the tokenizer has no chat template. '
+                        'Either write the data as {"prompt": ..., "completion": ...} rows (prompt already '
+                        "formatted for the model), or set tokenizer.chat_template to a Jinja template "
+                        "before loading"
+                    )
+                self._chat = _ChatTokenizer(tokenizer)
+            return self._chat(row["messages"])
+        if self.eos_id is None:
+            raise _FatalRowError(
+                "prompt/completion rows get tokenizer.eos_token appended, but the tokenizer has no "
+                "EOS token; set tokenizer.eos_token to the token that ends a generation"
+            )
+        if self._strip_suffix is None:
+            self._strip_suffix = _appended_special_count(tokenizer)
+        return _tokenize_prompt_completion(row, tokenizer, self.eos_id, self._strip_suffix)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------
@@ -389,11 +442,14 @@ def load_examples(
     *,
     max_length: int = 4096,
     skip_bad_rows: bool = False,
+    keep_rows: bool = False,
 ) -> tuple[list[dict], DataStats]:
     """Read JSONL training rows from one or more files and tokenise them.
 
     Returns ``(examples, stats)``; each example is ``{"input_ids": list[int], "labels": list[int]}``
-    (equal lengths, at most ``max_length``; labels unshifted, ``-100`` where not supervised).
+    (equal lengths, at most ``max_length``; labels unshifted, ``-100`` where not supervised). With
+    ``keep_rows`` each example also holds ``"row"``, the validated JSON row it came from (for
+    autodeco.control, which re-tokenises rows with a decoding command inserted).
     Raises :class:`DataError` for a bad row (unless ``skip_bad_rows``), a missing or empty file, a
     chat row with a tokenizer that has no chat template, or a dataset with no usable row at all.
     """
@@ -406,9 +462,7 @@ def load_examples(
 
     stats = DataStats()
     examples: list[dict] = []
-    eos_id = tokenizer.eos_token_id
-    strip_suffix: int | None = None  # probed on the first prompt/completion row
-    chat: _ChatTokenizer | None = None  # built on the first chat row
+    row_tokenizer = RowTokenizer(tokenizer)
 
     for path in files:
         rows_in_file = 0
@@ -420,26 +474,7 @@ def load_examples(
                 if isinstance(text, _BadRow):
                     raise text
                 row = _parse_row(text)
-                if "messages" in row:
-                    if chat is None:
-                        if not getattr(tokenizer, "chat_template", None):
-                            raise _FatalRowError(
-                                'this row is a chat row ("messages") but the tokenizer has no chat template. '
-                                'Either write the data as {"prompt": ..., "completion": ...} rows (prompt already '
-                                "formatted for the model), or set tokenizer.chat_template to a Jinja template "
-                                "before loading"
-                            )
-                        chat = _ChatTokenizer(tokenizer)
-                    input_ids, labels = chat(row["messages"])
-                else:
-                    if eos_id is None:
-                        raise _FatalRowError(
-                            "prompt/completion rows get tokenizer.eos_token appended, but the tokenizer has no "
-                            "EOS token; set tokenizer.eos_token to the token that ends a generation"
-                        )
-                    if strip_suffix is None:
-                        strip_suffix = _appended_special_count(tokenizer)
-                    input_ids, labels = _tokenize_prompt_completion(row, tokenizer, eos_id, strip_suffix)
+                input_ids, labels = row_tokenizer.tokenize_unchecked(row)
             except _BadRow as bad:
                 reason = f"{where}: {bad.field_name}: {bad.problem}"
                 if not skip_bad_rows:
@@ -461,7 +496,10 @@ def load_examples(
             if supervised == 0:
                 stats.dropped_rows += 1
                 continue
-            examples.append({"input_ids": input_ids, "labels": labels})
+            example = {"input_ids": input_ids, "labels": labels}
+            if keep_rows:
+                example["row"] = row
+            examples.append(example)
             stats.rows_used += 1
             stats.supervised_tokens += supervised
             stats.total_tokens += len(input_ids)
@@ -497,8 +535,11 @@ class AutoDecoDataset(Dataset):
         tokenizer,
         max_length: int = 4096,
         skip_bad_rows: bool = False,
+        keep_rows: bool = False,
     ) -> "AutoDecoDataset":
-        examples, stats = load_examples(paths, tokenizer, max_length=max_length, skip_bad_rows=skip_bad_rows)
+        examples, stats = load_examples(
+            paths, tokenizer, max_length=max_length, skip_bad_rows=skip_bad_rows, keep_rows=keep_rows
+        )
         return cls(examples, stats)
 
     def __len__(self) -> int:

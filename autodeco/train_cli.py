@@ -4,12 +4,20 @@
     autodeco train --model runs/heads --data more.jsonl --output-dir runs/heads2 --heads top_p    # continue
     autodeco train ... --resume                    # continue the last checkpoint-* in --output-dir
     autodeco train ... --trainer-arg save_steps=50 --trainer-arg report_to=none                    # any Trainer field
+    autodeco train ... --control-share 0.3 [--control-margin 0.1] [--control-weight 1.0]   # decoding control
     accelerate launch --config_file configs/accelerate/ddp.yaml -m autodeco.cli train ...        # several GPUs
 
 `--model` is either an AutoDeco directory (its heads are loaded and trained further) or a plain base model
 (directory or hub name; fresh heads are put on it). The data format is described in autodeco/data.py. The
 defaults follow the paper (see the table in autodeco/trainer.py). At the end the heads, config and tokenizer
 are saved to --output-dir and a summary is printed: data statistics, steps, final losses, mean T and P.
+
+With `--control-share S > 0` (autodeco/control.py) a seeded share S of the rows gets a twin with a low- or
+high-randomness command in its user message, in the same micro-batch, and a margin ranking loss pushes the twin's
+mean T and P below (low) or above (high) the plain row's; the settings and the training phrasings are saved to
+OUTPUT_DIR/autodeco_control.json, which `autodeco eval-control` reads. Share 0 (the default) trains exactly as
+without these flags. `cmd_train(args)` takes any argparse Namespace with the parser's fields (the demo builds one
+from the parser's defaults).
 
 This module exposes `add_train_parser(subparsers)` (registers the `train` subcommand, whose handler is
 `cmd_train`) for autodeco/cli.py; `python -m autodeco.train_cli --help` also runs it on its own.
@@ -23,11 +31,12 @@ import difflib
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 
 from autodeco.cli import load_tokenizer, resolve_dtype
-from autodeco.trainer import DEFAULT_TRAINING_ARGUMENTS, FORCED_TRAINING_ARGUMENTS
+from autodeco.trainer import CONTROL_LOGGED_METRICS, DEFAULT_TRAINING_ARGUMENTS, FORCED_TRAINING_ARGUMENTS
 
 HEADS_CHOICES = {"both": (True, True), "temperature": (True, False), "top_p": (False, True)}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -65,6 +74,13 @@ def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
     return value
 
 
@@ -134,6 +150,17 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "GPU that supports it, else float32")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the base model's own modelling code from its repository (off by default)")
+    p.add_argument("--control-share", type=_ratio, default=0.0, metavar="SHARE",
+                   help="decoding control: share of training rows that also appear with a low- or high-randomness "
+                        "command in the user message, trained with a margin ranking loss on mean T and P (default 0: "
+                        "off; e.g. 0.3). See autodeco/control.py")
+    p.add_argument("--control-margin", type=_non_negative_float, default=0.1, metavar="MARGIN",
+                   help="margin of the control ranking loss: the commanded mean T (and P) should differ from the "
+                        "plain one by at least this much in the command's direction (default 0.1)")
+    p.add_argument("--control-weight", type=_non_negative_float, default=1.0, metavar="WEIGHT",
+                   help="weight of the control loss added to the ordinary losses (default 1.0)")
+    p.add_argument("--control-seed", type=int, default=None, metavar="SEED",
+                   help="seed that picks the commanded rows, their direction and phrasing (default: --seed)")
     p.add_argument("--trainer-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="set any other transformers.TrainingArguments field (repeatable), e.g. save_steps=50, "
                         "report_to=none, bf16=true; list fields take comma-separated values")
@@ -154,7 +181,10 @@ def parse_trainer_args(pairs: list[tuple[str, str]]) -> dict:
 
     if not pairs:
         return {}
-    field_types = {f.name: str(f.type) for f in dataclasses.fields(TrainingArguments) if f.init}
+    # The declared annotations, not `field.type`: HfArgumentParser rewrites the latter in place (report_to's
+    # `str | list[str]` becomes `str`), which made a second call in the same process parse lists differently.
+    hints = typing.get_type_hints(TrainingArguments)
+    field_types = {f.name: str(hints.get(f.name, f.type)) for f in dataclasses.fields(TrainingArguments) if f.init}
     fields = set(field_types)
     parser = HfArgumentParser(TrainingArguments)
     actions = {}
@@ -261,6 +291,27 @@ def load_model_for_training(args, is_autodeco: bool, use_cpu: bool = False):
     )
 
 
+def _control_options(args) -> dict | None:
+    """The decoding-control options of `args` ({share, margin, weight, seed}), or None when control is off.
+
+    A Namespace without the control fields (built before they existed) means control off.
+    """
+    share = getattr(args, "control_share", 0.0) or 0.0
+    margin = getattr(args, "control_margin", 0.1)
+    weight = getattr(args, "control_weight", 1.0)
+    seed = getattr(args, "control_seed", None)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"--control-share must be in [0, 1], got {share}; e.g. 0.3 (0 turns control off).")
+    if not margin >= 0:
+        raise ValueError(f"--control-margin must be >= 0, got {margin}; e.g. 0.1.")
+    if not weight >= 0:
+        raise ValueError(f"--control-weight must be >= 0, got {weight}; e.g. 1.0.")
+    if share == 0:
+        return None
+    return {"share": float(share), "margin": float(margin), "weight": float(weight),
+            "seed": int(args.seed if seed is None else seed)}
+
+
 def _final_metrics(log_history: list[dict]) -> dict:
     for entry in reversed(log_history):
         if "mean_temperature" in entry:
@@ -278,6 +329,7 @@ def cmd_train(args) -> dict:
 
     # Everything that can be wrong in the flags is checked before a model is loaded.
     overrides = parse_trainer_args(args.trainer_arg)
+    control = _control_options(args)
     resume = args.resume
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume '{resume}' is not a directory; pass a checkpoint-* directory or 'latest'.")
@@ -301,14 +353,30 @@ def cmd_train(args) -> dict:
     config = _model_config(args.model, args.trust_remote_code)
     fresh = config.get("model_type") != "autodeco"
     tokenizer = load_tokenizer(args.model, None if fresh else config.get("base_model_name_or_path"))
-    dataset = AutoDecoDataset.from_jsonl(args.data, tokenizer, max_length=args.max_length, skip_bad_rows=args.skip_bad_rows)
+    dataset = AutoDecoDataset.from_jsonl(args.data, tokenizer, max_length=args.max_length, skip_bad_rows=args.skip_bad_rows,
+                                         keep_rows=control is not None)
     if main_process:
         print(f"Data: {dataset.stats.summary()}", flush=True)
+    trainer_kwargs = {}
+    if control is not None:
+        from autodeco.control import ControlDataset, DataCollatorWithControl
+
+        dataset = ControlDataset(dataset, tokenizer, share=control["share"], seed=control["seed"],
+                                 max_length=args.max_length)
+        trainer_kwargs = dict(data_collator=DataCollatorWithControl(tokenizer), control_margin=control["margin"],
+                              control_weight=control["weight"])
+        if main_process:
+            print(f"Control: {dataset.summary()}; margin {control['margin']:g}, weight {control['weight']:g}.", flush=True)
     model = load_model_for_training(args, is_autodeco=not fresh, use_cpu=training_args.use_cpu)
 
-    trainer = AutoDecoTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = AutoDecoTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+                              **trainer_kwargs)
     result = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     trainer.save_model(args.output_dir)
+    if control is not None and main_process:
+        from autodeco.control import save_control_settings
+
+        save_control_settings(args.output_dir, **control, extra={"twins": len(dataset.twins), "rows": len(dataset)})
 
     final = _final_metrics(trainer.state.log_history)
     summary = {
@@ -317,9 +385,12 @@ def cmd_train(args) -> dict:
         "fresh_heads": fresh,
         "steps": result.global_step,
         "train_loss": result.training_loss,
-        **{k: final[k] for k in ("loss", "temperature_loss", "top_p_loss", "mean_temperature", "mean_top_p") if k in final},
+        **{k: final[k] for k in ("loss", "temperature_loss", "top_p_loss", "mean_temperature", "mean_top_p",
+                                 *CONTROL_LOGGED_METRICS) if k in final},
         "output_dir": str(args.output_dir),
     }
+    if control is not None:
+        summary["control"] = {**control, "twins": len(dataset.twins)}
     if main_process:
         trained = {"both": "temperature + top-p heads", "temperature": "temperature head", "top_p": "top-p head"}[args.heads]
         losses = ", ".join(f"{k} {summary[k]:.4f}" for k in ("loss", "temperature_loss", "top_p_loss") if k in summary)
@@ -329,7 +400,11 @@ def cmd_train(args) -> dict:
             f"Trained the {trained} ({'fresh' if fresh else 'loaded from ' + args.model}) for {result.global_step} steps"
             + (f" (resumed from {resume})" if resume else "") + ".\n"
             f"Final logging window: {losses or 'no log yet'}; {means or 'no head statistics logged'}.\n"
-            f"Saved heads, config and tokenizer to {args.output_dir} (checkpoints in {args.output_dir}/checkpoint-*).",
+            + (f"Control: loss {summary['control_loss']:.4f}, consistency T {summary['control_consistency_temperature']:.0%}"
+               f" / P {summary['control_consistency_top_p']:.0%}, signed mean shift T {summary['control_delta_temperature']:+.3f}"
+               f" / P {summary['control_delta_top_p']:+.3f} (commanded vs plain, same rows).\n"
+               if "control_loss" in summary else "")
+            + f"Saved heads, config and tokenizer to {args.output_dir} (checkpoints in {args.output_dir}/checkpoint-*).",
             flush=True,
         )
     return summary

@@ -38,6 +38,17 @@ What the trainer adds to `Trainer`
   `loss`, `temperature_loss`, `top_p_loss` (a head's loss only when it trains), `mean_temperature` and
   `mean_top_p` (the heads' predictions over supervised tokens), `learning_rate`, `grad_norm`. They go to the
   progress bar, `trainer.state.log_history`, and TensorBoard when installed (report_to).
+* Decoding control (autodeco/control.py; off unless the batches carry `control_pairs`, as
+  `DataCollatorWithControl` makes them): each micro-batch holds plain rows and, for some of them, a twin with a
+  low- or high-randomness command in its user message. The ordinary losses train on every row (twins included,
+  normalised as above); on top, `control_weight * (margin loss on mean T + margin loss on mean P)` (only for the
+  heads that train), where each row's mean is over its supervised tokens and the margin loss is
+  `control.control_margin_loss` over the micro-batch's K pairs. That term is a mean over pairs per micro-batch,
+  divided by the number of accumulated micro-batches (a mean of micro-batch means; DDP averages it over
+  processes). Logged per window: `control_loss` (the unweighted margin losses, mean over pairs),
+  `control_consistency_temperature` / `control_consistency_top_p` (share of pairs whose commanded mean is on the
+  right side of the plain one) and `control_delta_temperature` / `control_delta_top_p` (mean of
+  direction * (commanded - plain): positive when the commands work).
 * Checkpoints hold the heads only (`autodeco_heads.safetensors` + config; the model's save_pretrained never
   writes base weights) plus the Trainer's optimizer, scheduler, RNG and trainer state, so
   `train(resume_from_checkpoint=...)` continues exactly where it stopped. Resuming and `load_best_model_at_end`
@@ -84,11 +95,13 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
+from autodeco.control import completion_means, control_margin_loss
 from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion
 from autodeco.modeling import HEADS_WEIGHTS_NAME, AutoDecoModelForCausalLM
 
 __all__ = [
     "AutoDecoTrainer",
+    "CONTROL_LOGGED_METRICS",
     "DEFAULT_TRAINING_ARGUMENTS",
     "FORCED_TRAINING_ARGUMENTS",
     "LOGGED_METRICS",
@@ -122,8 +135,15 @@ FORCED_TRAINING_ARGUMENTS: dict[str, Any] = {"remove_unused_columns": False, "la
 # Keys `AutoDecoTrainer.log` adds to each training log (next to the Trainer's loss, learning_rate, grad_norm).
 LOGGED_METRICS = ("temperature_loss", "top_p_loss", "mean_temperature", "mean_top_p")
 
+# Keys the log adds when the batches carry decoding-control pairs (autodeco/control.py).
+CONTROL_LOGGED_METRICS = ("control_loss", "control_consistency_temperature", "control_consistency_top_p",
+                          "control_delta_temperature", "control_delta_top_p")
+
 # Slots of the per-window accumulator (one float64 tensor, so one all-reduce merges every process).
 _TOKENS, _T_LOSS, _P_LOSS, _T_SUM, _P_SUM = range(5)
+# Control slots: pairs, sum of per-pair margin losses, pairs on the right side (T, P), sums of signed deltas (T, P).
+_PAIRS, _C_LOSS, _T_CONS, _P_CONS, _T_DELTA, _P_DELTA = range(5, 11)
+_SLOTS = 11
 
 
 def _training_argument_names() -> set[str]:
@@ -186,11 +206,19 @@ class AutoDecoTrainer(Trainer):
     accumulation and data parallelism, head metrics in the logs, heads-only checkpoints. See the module docstring.
 
     `args` defaults to `build_training_arguments("autodeco_output")`; the data collator defaults to
-    `DataCollatorForCompletion(processing_class)`.
+    `DataCollatorForCompletion(processing_class)`. `control_margin` and `control_weight` set the decoding-control
+    term, used only for batches that carry `control_pairs` (autodeco.control.DataCollatorWithControl).
     """
 
     def __init__(self, model: AutoDecoModelForCausalLM | None = None, args: TrainingArguments | None = None,
-                 data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+                 data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None, *,
+                 control_margin: float = 0.1, control_weight: float = 1.0, **kwargs):
+        if not (isinstance(control_margin, (int, float)) and control_margin >= 0):
+            raise ValueError(f"control_margin (--control-margin) must be a number >= 0, got {control_margin!r}; e.g. 0.1.")
+        if not (isinstance(control_weight, (int, float)) and control_weight >= 0):
+            raise ValueError(f"control_weight (--control-weight) must be a number >= 0, got {control_weight!r}; e.g. 1.0.")
+        self.control_margin = float(control_margin)
+        self.control_weight = float(control_weight)
         if not isinstance(model, AutoDecoModelForCausalLM):
             raise TypeError(
                 f"AutoDecoTrainer trains an AutoDecoModelForCausalLM, got {type(model).__name__}. Wrap the base "
@@ -218,7 +246,7 @@ class AutoDecoTrainer(Trainer):
         # that take loss kwargs), over labels[:, 1:] since the model shifts labels like any causal LM.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self._window: torch.Tensor | None = None  # [5] float64 sums over the current logging window
+        self._window: torch.Tensor | None = None  # [_SLOTS] float64 sums over the current logging window
         self._window_has = {"temperature_loss": False, "top_p_loss": False}
 
     # ------------------------------------------------------------------ loss
@@ -228,6 +256,9 @@ class AutoDecoTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if unwrapped.llm.training:
             unwrapped.llm.eval()  # the frozen base is measured as it decodes: no dropout
+        pairs = inputs.get("control_pairs")  # [K, 3] (plain row, twin row, direction) or None
+        if pairs is not None:
+            inputs = {k: v for k, v in inputs.items() if k != "control_pairs"}
         labels = inputs["labels"]  # [B, S], unshifted
         outputs = model(**inputs)
         loss = outputs.loss  # scalar: temperature_loss + top_p_loss, each a mean over this micro-batch's tokens
@@ -245,12 +276,47 @@ class AutoDecoTrainer(Trainer):
             self.loss_is_scaled_for_ga = True
         else:
             self.loss_is_scaled_for_ga = False  # Trainer divides the micro-batch mean by the accumulation steps
+        if pairs is not None and pairs.shape[0] > 0:
+            control = self._control_loss(unwrapped, outputs, labels, pairs)
+            if self.loss_is_scaled_for_ga:  # else the Trainer divides the whole loss by the accumulation steps
+                control = control / max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+            loss = loss + control.to(loss.device, loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _control_loss(self, unwrapped, outputs, labels: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """control_weight * (margin loss on mean T + on mean P) over the K pairs of this micro-batch (see module doc)."""
+        pairs = pairs.to(outputs.temperature.device)
+        plain, twin, direction = pairs[:, 0], pairs[:, 1], pairs[:, 2]  # [K] each
+        config = unwrapped.config
+        total = outputs.temperature.new_zeros((), dtype=torch.float32)
+        stats = []
+        for values, trains in ((outputs.temperature, config.train_temperature), (outputs.top_p, config.train_top_p)):
+            means = completion_means(values, labels)  # [B + K]
+            plain_mean, twin_mean = means[plain], means[twin]  # [K]
+            margin_loss = control_margin_loss(plain_mean, twin_mean, direction, self.control_margin)
+            if trains:
+                total = total + margin_loss
+            stats.append((margin_loss.detach() if trains else None, (direction * (twin_mean - plain_mean)).detach()))
+        if unwrapped.training:
+            with torch.no_grad():
+                row = torch.zeros(_SLOTS, dtype=torch.float64, device=pairs.device)
+                k = pairs.shape[0]
+                row[_PAIRS] = k
+                for margin_loss, _ in stats:
+                    if margin_loss is not None:
+                        row[_C_LOSS] += margin_loss.double().to(row.device) * k
+                (_, t_signed), (_, p_signed) = stats
+                row[_T_CONS] = (t_signed > 0).sum().double()
+                row[_P_CONS] = (p_signed > 0).sum().double()
+                row[_T_DELTA] = t_signed.double().sum()
+                row[_P_DELTA] = p_signed.double().sum()
+                self._window = row if self._window is None else self._window + row.to(self._window.device)
+        return self.control_weight * total
 
     def _accumulate(self, outputs, supervised: torch.Tensor, n_micro: torch.Tensor) -> None:
         with torch.no_grad():
             n = n_micro.double()
-            row = torch.zeros(5, dtype=torch.float64, device=n.device)
+            row = torch.zeros(_SLOTS, dtype=torch.float64, device=n.device)
             row[_TOKENS] = n
             for slot, key in ((_T_LOSS, "temperature_loss"), (_P_LOSS, "top_p_loss")):
                 value = getattr(outputs, key)
@@ -277,6 +343,13 @@ class AutoDecoTrainer(Trainer):
                         logs[key] = float(window[slot]) / tokens
                 logs["mean_temperature"] = float(window[_T_SUM]) / tokens
                 logs["mean_top_p"] = float(window[_P_SUM]) / tokens
+            pairs = float(window[_PAIRS])
+            if pairs > 0:
+                logs["control_loss"] = float(window[_C_LOSS]) / pairs
+                logs["control_consistency_temperature"] = float(window[_T_CONS]) / pairs
+                logs["control_consistency_top_p"] = float(window[_P_CONS]) / pairs
+                logs["control_delta_temperature"] = float(window[_T_DELTA]) / pairs
+                logs["control_delta_top_p"] = float(window[_P_DELTA]) / pairs
             self._window = None
         super().log(logs, start_time)
 
