@@ -8,6 +8,8 @@
     autodeco data     --model DIR --problems FILE... --output FILE          rejection-sampled training data
     autodeco eval     --model DIR --benchmarks FILE... --methods LIST --output-dir DIR   the paper's tables
     autodeco eval     --diagnose FILE --model DIR                           heads vs their own MeanShift
+    autodeco eval-control --model DIR --prompts FILE --output-dir DIR      do randomness commands move T and P?
+    autodeco demo     [--quick] [--output-dir DIR]           the whole pipeline on a bundled tiny model (no download)
 
 `autodeco COMMAND --help` explains every flag. Errors in what you pass (missing paths, bad values) are
 reported in one line naming the problem, with exit status 2.
@@ -195,12 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-output-dir", help="also save the base model here and record it as the base")
     p.set_defaults(func=cmd_split)
 
+    from autodeco.evaluation.control_eval import add_eval_control_parser
     from autodeco.evaluation.eval_cli import add_data_parser, add_eval_parser
     from autodeco.train_cli import add_train_parser
 
     add_train_parser(sub)
     add_data_parser(sub)
     add_eval_parser(sub)
+    add_eval_control_parser(sub)
+
+    from autodeco.demo.pipeline import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""`autodeco demo --quick` end to end (about 2 minutes on 2 CPU cores), and the bundled base model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autodeco.demo.base import BASE_MODEL_DIR, load_base
+
+
+def test_the_bundled_base_model_loads_and_is_small():
+    model, tokenizer = load_base()
+    assert model.config.model_type == "llama"
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert (BASE_MODEL_DIR / "model.safetensors").stat().st_size < 8 * 2**20
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|end|>"
+    info = json.loads((BASE_MODEL_DIR / "training_info.json").read_text())
+    assert info["config"]["seed"] == 0 and info["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_load_base_names_the_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--retrain-base"):
+        load_base(tmp_path / "nowhere")
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    from autodeco.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| AutoDeco |" in printed and f"Report: {out / 'report.md'}" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    for spec in ("greedy", "default", "oracle", "meanshift", "autodeco", "autodeco-temperature-only",
+                 "autodeco-top-p-only", "min_p:0.1", "edt"):
+        cell = summary["pass@1"][spec]
+        assert 0.0 <= cell["mean"] <= 1.0
+    assert set(summary["families"]["autodeco"]) == {"arith", "pairs"}
+    for name in ("report.md", "decomposition.json", "eval/results.md", "eval/traces.png", "eval/oracle_grid.png",
+                 "control/results.md", "control/control_trace.png", "heads/autodeco_heads.safetensors",
+                 "heads-control/autodeco_heads.safetensors", "data/train.jsonl"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "test-set oracle" in report and "MeanShift" in report and "held-out" in report
+    # No test problem was trained on: the training data's prompts are all train-split problems.
+    test_prompts = {json.loads(line)["problem"] for line in (out / "data" / "demo_test.jsonl").open()}
+    for line in (out / "data" / "train.jsonl").open():
+        assert not any(p in json.loads(line)["prompt"] for p in test_prompts)
+    # A rerun resumes: every step's output is reused, nothing is recomputed.
+    mtime = (out / "heads" / "autodeco_heads.safetensors").stat().st_mtime
+    records = (out / "eval" / "records.jsonl").read_text()
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    assert (out / "heads" / "autodeco_heads.safetensors").stat().st_mtime == mtime
+    assert (out / "eval" / "records.jsonl").read_text() == records
+
+
+def test_retraining_the_base_is_seeded_and_rebuilds_the_bundled_tokenizer(tmp_path):
+    from safetensors.torch import load_file
+
+    from autodeco.demo.base import BaseTrainingConfig, train_base
+
+    config = BaseTrainingConfig(steps=3, batch_size=8)
+    first = train_base(tmp_path / "a", config, progress=False)
+    train_base(tmp_path / "b", config, progress=False)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert first["history"][-1]["step"] == 2
+    # The tokenizer depends only on the seed and the corpus settings, so it is the bundled one.
+    bundled = json.loads((BASE_MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"]
+    assert json.loads((tmp_path / "a" / "tokenizer.json").read_text())["model"]["vocab"] == bundled
+    other = train_base(tmp_path / "c", BaseTrainingConfig(steps=3, batch_size=8, seed=1), progress=False)
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert other["config"]["seed"] == 1 and not all((a[k] == c[k]).all() for k in a if k in c)
+
+
+def test_demo_flags_are_checked(tmp_path):
+    from autodeco.cli import main
+
+    assert main(["demo", "--quick", "--retrain-base", "--base-model", str(tmp_path), "--output-dir",
+                 str(tmp_path / "x")]) == 2
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "file")]) == 2
