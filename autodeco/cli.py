@@ -226,6 +226,14 @@ def run_parsed(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_subcommand(add_parser, argv: list[str] | None = None) -> int:
+    """Parse `argv` (the subcommand's name first) with only the subcommand that `add_parser(subparsers)` adds, and
+    run it like `main`: for `python -m autodeco.<module> <subcommand> ...` entry points."""
+    parser = argparse.ArgumentParser(prog="autodeco")
+    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run_parsed(parser.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_parsed(build_parser().parse_args(argv))
 

@@ -412,12 +412,9 @@ def cmd_train(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m autodeco.train_cli ...`: the train subcommand alone, with the CLI's one-line errors."""
-    parser = argparse.ArgumentParser(prog="autodeco")
-    add_train_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    from autodeco.cli import run_parsed
+    from autodeco.cli import run_subcommand
 
-    return run_parsed(args)
+    return run_subcommand(add_train_parser, argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -442,11 +442,10 @@ def cmd_demo(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="autodeco")
-    add_demo_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])])
-    args.func(args)
-    return 0
+    """`python -m autodeco.demo.pipeline [--quick] ...`: the demo subcommand alone."""
+    from autodeco.cli import run_subcommand
+
+    return run_subcommand(add_demo_parser, ["demo", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

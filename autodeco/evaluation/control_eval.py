@@ -384,12 +384,9 @@ def add_eval_control_parser(subparsers) -> argparse.ArgumentParser:
                         "default: problem, blank line, the paper's \\boxed{} instruction")
     p.add_argument("--batch-size", type=_positive_int, default=32,
                    help="sequences per generate call and per teacher-forced forward (default 32)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="dtype of the base model (the heads stay float32); auto = bfloat16 on a CUDA GPU that "
-                        "supports it, else float32")
-    p.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the base model's own modelling code from its repository (off by default)")
+    from autodeco.evaluation.eval_cli import add_model_loading_flags
+
+    add_model_loading_flags(p)
     p.set_defaults(func=cmd_eval_control)
     return p
 
@@ -484,12 +481,9 @@ def cmd_eval_control(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m autodeco.evaluation.control_eval eval-control ...`, with the CLI's one-line errors."""
-    parser = argparse.ArgumentParser(prog="autodeco")
-    add_eval_control_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    from autodeco.cli import run_parsed
+    from autodeco.cli import run_subcommand
 
-    return run_parsed(args)
+    return run_subcommand(add_eval_control_parser, argv)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,12 @@ def _common_model_flags(p: argparse.ArgumentParser) -> None:
                         "instruction")
     p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N problems of each file")
     p.add_argument("--seed", type=int, default=0, help="base seed; every work item's seed is derived from it (default 0)")
+    add_model_loading_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_model_loading_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype, --device and --trust-remote-code, as every command that loads a model for inference takes them."""
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype of the base model (the heads stay float32); auto = bfloat16 on a CUDA GPU that "
                         "supports it, else float32")
@@ -89,7 +95,6 @@ def _common_model_flags(p: argparse.ArgumentParser) -> None:
                         "else cpu")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the base model's own modelling code from its repository (off by default)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
