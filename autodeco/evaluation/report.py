@@ -179,8 +179,8 @@ def plot_traces(example: dict, path: str | os.PathLike) -> None:
         ax_p.set_xticks(x)
         ax_p.set_xticklabels([repr(tok)[1:-1][:8] for tok in tokens], rotation=90, fontsize=7)
     verdict = "correct" if example.get("correct") else "wrong"
-    fig.suptitle(f"{example.get('method', 'AutoDeco')}: per-token T and P, {example.get('benchmark')}/"
-                 f"{example.get('problem_id')} ({len(t)} tokens, {verdict})")
+    fig.suptitle(f"{example.get('method', 'AutoDeco')}: per-token T and P\n{example.get('benchmark')}/"
+                 f"{example.get('problem_id')} ({len(t)} tokens, {verdict})", fontsize=10)
     _save(fig, Path(path))
 
 

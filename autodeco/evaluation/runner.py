@@ -1186,7 +1186,8 @@ def _plot_data(ctx, benchmarks, methods, records, oracle_info) -> dict:
             "top_p_row": list(info["top_p_row"].values()),
             "best_top_p": info["best_top_p"],
         }
-    dynamic = [m for m in methods if m.kind in DYNAMIC_KINDS]
+    # The full method first, then the single-head ablations, whatever order the methods were listed in.
+    dynamic = sorted((m for m in methods if m.kind in DYNAMIC_KINDS), key=lambda m: DYNAMIC_KINDS.index(m.kind))
     if not dynamic and any(m.kind == "meanshift" for m in methods):
         dynamic = parse_methods("autodeco")  # its records were made for meanshift
     if not dynamic:
