@@ -670,4 +670,3 @@ def test_packed_oracle_and_meanshift(b5, tmp_path, monkeypatch):
     # oracle grid (10 T + 9 P, n=1: all 5 problems per call), its rerun at n=2, autodeco and meanshift (3 + 2 each)
     assert len(model.calls) == 19 + 3 * 2
     assert results["results"]["oracle"]["b5"]["completions"] == 10
-
