@@ -212,6 +212,7 @@ def test_exact_kind_scores_the_last_box_character_for_character(tmp_path):
     assert score(problem, "23 + 41 = 64 no\n23 + 35 = 58 yes\n\\boxed{23 + 35}")
     assert not score(problem, "\\boxed{35+23}")  # exact: another spelling is another answer
     assert not score(problem, "\\boxed{58}")
+    assert not score(problem, "\\boxed{23+35+1}")  # the whole box must match, not contain the answer
     assert not score(problem, "23 + 35 = 58")  # no box, no answer
     assert scoring.extract_answer("\\boxed{ 23+ 35 }", "exact") == "23+35"
 
