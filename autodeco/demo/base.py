@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import string
 import time
 from dataclasses import asdict, dataclass
@@ -161,8 +162,8 @@ def train_base(output_dir: str | Path, cfg: BaseTrainingConfig | None = None, pr
     tokenizer = build_tokenizer(texts, cfg.vocab_size)
     model = LlamaForCausalLM(base_config(tokenizer, cfg))
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices; norms' gains are not decayed
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
     bar = None
@@ -196,15 +197,11 @@ def train_base(output_dir: str | Path, cfg: BaseTrainingConfig | None = None, pr
             "torch": torch.__version__, "history": history}
     staging = output_dir.with_name(output_dir.name + ".tmp")
     if staging.exists():
-        import shutil
-
         shutil.rmtree(staging)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     write_json_atomic(staging / "training_info.json", info)
     if output_dir.exists():
-        import shutil
-
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
     return info
