@@ -307,6 +307,17 @@ def test_evaluate_control_end_to_end(tmp_path, tokenizer):
             assert row["delta_temperature"] != 0  # input-dependent heads: the command changes something
     commands = [p["seen_low_command"] for p in per_prompt]
     assert commands == list(LOW_COMMANDS[:3])  # phrasing i mod len(set)
+    for s in ("seen", "held_out"):
+        by_phrasing = results["by_phrasing"][s]
+        for c, direction in (("low", -1), ("high", 1)):
+            entries = [e for e in by_phrasing if e["condition"] == c]
+            assert sum(e["n"] for e in entries) == 3 and len({e["command"] for e in entries}) == len(entries)
+            for e in entries:
+                given = [p for p in per_prompt if p[f"{s}_{c}_command"] == e["command"]]
+                deltas = [p[f"{s}_{c}"]["temperature"] - p["none"]["temperature"] for p in given]
+                assert e["n"] == len(given)
+                assert e["delta_temperature"] == pytest.approx(sum(deltas) / len(deltas), abs=1e-12)
+                assert e["consistency_temperature"] == sum(d * direction > 0 for d in deltas) / len(deltas)
     assert [p["held_out_high_command"] for p in per_prompt] == list(HIGH_COMMANDS_HELD_OUT[:3])
 
     # The no-command condition teacher-forces the generated tokens: its T and P are those the tokens were sampled with.
@@ -326,6 +337,8 @@ def test_evaluate_control_end_to_end(tmp_path, tokenizer):
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| No command (baseline) |" in markdown and markdown.count("| Low-diversity command |") == 2
     assert "Held-out phrasings" in markdown
+    for e in results["by_phrasing"]["held_out"]:
+        assert f"| {e['condition']} | {e['command']} | 1 |" in markdown
     with pytest.raises(ValueError, match="held-out phrasings must not be among the training phrasings"):
         evaluate_control(model, tokenizer, problems, output_dir=tmp_path / "x", low_held_out=[LOW_COMMANDS[0]],
                          progress=False)

@@ -189,6 +189,27 @@ def _verdicts(results: dict, control_results: dict | None) -> list[str]:
     return lines
 
 
+# Issue 6's goal on held-out prompts, for the commands seen in training: consistency of the sign of the change in
+# mean T (low, high) and the size of that change.
+CONTROL_GOAL = {"low": 0.95, "high": 0.90, "delta_temperature": 0.1}
+
+
+def _control_verdicts(control: dict) -> list[str]:
+    lines = []
+    for s, title in (("seen", "seen phrasings"), ("held_out", "held-out phrasings (reported, no goal)")):
+        cells, met = [], True
+        for c in ("low", "high"):
+            r = control[s][c]
+            cells.append(f"{c} ΔT {r['delta_temperature']:+.3f} at {100 * r['consistency_temperature']:.0f}% "
+                         f"consistency (ΔP {r['delta_top_p']:+.3f}, {100 * r['consistency_top_p']:.0f}%)")
+            met &= (r["consistency_temperature"] >= CONTROL_GOAL[c]
+                    and abs(r["delta_temperature"]) >= CONTROL_GOAL["delta_temperature"])
+        verdict = f": {'met' if met else 'missed'}" if s == "seen" else ""
+        goal = " (goal: >= 95% low, >= 90% high, |ΔT| >= 0.1)" if s == "seen" else ""
+        lines.append(f"- Decoding control on held-out prompts, {title}: {'; '.join(cells)}{goal}{verdict}.")
+    return lines
+
+
 def _environment() -> str:
     cores = torch.get_num_threads()
     return (f"{platform.system()} {platform.machine()}, {cores} torch threads, Python {platform.python_version()}, "
@@ -326,7 +347,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, quick: bool = False, retra
     step("writing the report")
     total = round(time.perf_counter() - started, 1)
     table = _results_table(results, families, control_results)
-    verdicts = _verdicts(results, control_results)
+    verdicts = _verdicts(results, control_results) + _control_verdicts(control)
     report = _report(output_dir, settings, quick, results, table, verdicts, decomposition, control, no_control,
                      data_stats, timings, total, retrain_base)
     write_text_atomic(output_dir / "report.md", report)

@@ -253,10 +253,21 @@ def evaluate_control(
         "none": {f"mean_{key}": _mean([b[key] for b in none]) for key in _KEYS},
         "notes": list(notes),
     }
+    results["by_phrasing"] = {}
     for s in SETS:
         results[s] = {}
+        results["by_phrasing"][s] = []
         for c, direction in (("low", -1), ("high", 1)):
             results[s][c] = _summary(none, [row[f"{s}_{c}"] for row in per_prompt], direction)
+            # Each phrasing on the problems it was given to (problem i gets phrasing i mod len): an aggregate
+            # consistency can hide one wording that always fails.
+            for command in sets[s][c]:
+                given = [row for row in per_prompt if row.get(f"{s}_{c}_command") == command]
+                if given:
+                    results["by_phrasing"][s].append({
+                        "command": command, "condition": c, "n": len(given),
+                        **_summary([row["none"] for row in given], [row[f"{s}_{c}"] for row in given], direction),
+                    })
     # Figure 4 shows the problem with the longest completion (the first such), the most tokens to look at.
     trace_index = max(range(len(per_prompt)), key=lambda i: (per_prompt[i]["tokens"], -i))
     results["trace"] = {
@@ -310,8 +321,15 @@ def control_markdown(results: dict) -> str:
                 f"{100 * r['consistency_temperature']:.0f}% | {r['mean_top_p']:.3f} | {_signed(r['delta_top_p'])} | "
                 f"{100 * r['consistency_top_p']:.0f}% |"
             )
-        lines += ["", "Phrasings: low " + "; ".join(f"\"{c}\"" for c in results["commands"][s]["low"])
-                  + " — high " + "; ".join(f"\"{c}\"" for c in results["commands"][s]["high"]) + "."]
+        lines += ["", "By phrasing (each on the problems it was given to):", "",
+                  "| Condition | Phrasing | Problems | ΔT | Consistency T | ΔP | Consistency P |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in results.get("by_phrasing", {}).get(s, []):
+            lines.append(
+                f"| {r['condition']} | {r['command']} | {r['n']} | {_signed(r['delta_temperature'])} | "
+                f"{100 * r['consistency_temperature']:.0f}% | {_signed(r['delta_top_p'])} | "
+                f"{100 * r['consistency_top_p']:.0f}% |"
+            )
     notes = list(results.get("notes", []))
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
