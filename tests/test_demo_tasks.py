@@ -60,25 +60,56 @@ def test_pairs_problems_have_exactly_one_answer():
             assert len(fits) == 1 and p.answer == f"{fits[0][0]}+{fits[0][1]}"
 
 
-def test_the_corpus_teacher_slips_and_rechecks_at_its_rates():
+def _style_of(user: str) -> str:
+    found = [style for style, sentences in tasks.FILLER_SENTENCES.items() if any(s in user for s in sentences)]
+    assert len(found) <= 1, user
+    return found[0] if found else "none"
+
+
+def _solution_stats(solution: str) -> dict:
+    """Counts of result lines, slipped results, pair attempts after the first, re-checks, and whether the pairs
+    were tried in reading order."""
+    stats = {"lines": 0, "slips": 0, "attempts": 0, "rechecks": 0}
+    tried, previous = [], None
+    for line in solution.splitlines()[:-1]:
+        a, op, b, _, c = line.split()[:5]
+        stats["lines"] += 1
+        stats["slips"] += (int(a) + int(b) if op == "+" else int(a) - int(b)) != int(c)
+        if line.endswith((" no", " yes")):
+            stats["attempts"] += previous is not None
+            stats["rechecks"] += (a, b) == previous
+            previous = (a, b)
+            tried.append((a, b))
+    stats["tried"] = tried
+    return stats
+
+
+def test_the_corpus_teacher_slips_and_rechecks_at_its_rates_and_honours_the_requested_style():
     rng = random.Random(0)
-    slips = lines = rechecks = attempts = filler = 0
-    for _ in range(3000):
-        user, solution = tasks.corpus_example(rng, slip_rate=0.1, recheck_rate=0.3, filler_rate=0.25)
-        filler += sum(user.count(c) for c in ".!:") > 1  # the problem is one sentence, a filler another
-        steps = solution.splitlines()[:-1]
-        previous = None
-        for line in steps:
-            a, op, b, _, c = line.split()[:5]
-            lines += 1
-            slips += {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] != int(c)
-            if line.endswith((" no", " yes")):
-                attempts += previous is not None
-                rechecks += (a, b) == previous
-                previous = (a, b)
-    assert 0.08 < slips / lines < 0.12
-    assert 0.2 < rechecks / attempts < 0.4
-    assert 0.2 < filler / 3000 < 0.3
+    totals = {style: {"rows": 0, "lines": 0, "slips": 0, "attempts": 0, "rechecks": 0, "out_of_order": 0}
+              for style in ("none", "careful", "loose", "neutral")}
+    own_line = 0
+    for _ in range(6000):
+        user, solution = tasks.corpus_example(rng, slip_rate=0.05, recheck_rate=0.3, filler_rate=0.5)
+        style = _style_of(user)
+        own_line += "\n" in user
+        stats, total = _solution_stats(solution), totals[style]
+        total["rows"] += 1
+        for key in ("lines", "slips", "attempts", "rechecks"):
+            total[key] += stats[key]
+        if stats["tried"]:
+            numbers = user.split("Find two of ")[1].split(" that")[0].split()
+            reading_order = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
+            total["out_of_order"] += stats["tried"] != reading_order[: len(stats["tried"])]
+    assert 0.45 < 1 - totals["none"]["rows"] / 6000 < 0.55
+    assert 0.1 < own_line / 6000 < 0.24  # a third of the styled prompts carry the sentence on a line of its own
+    for style in ("none", "neutral"):
+        assert 0.035 < totals[style]["slips"] / totals[style]["lines"] < 0.065
+        assert 0.2 < totals[style]["rechecks"] / totals[style]["attempts"] < 0.4
+    careful, loose = totals["careful"], totals["loose"]
+    assert careful["slips"] == careful["rechecks"] == careful["out_of_order"] == 0  # careful: clean, in order
+    assert 0.2 < loose["slips"] / loose["lines"] < 0.3  # asked to be random: LOOSE_SLIP_FACTOR times the slips
+    assert loose["out_of_order"] > 0.5 * loose["rows"] / 2
 
 
 def test_tokenizer_round_trips_spells_digits_and_renders_the_chat_template():
@@ -105,3 +136,13 @@ def test_bad_arguments_are_named():
         tasks.generate_problems("test", 3, seed=0, families=("chess",))
     with pytest.raises(ValueError, match="count must be"):
         tasks.generate_problems("test", -1, seed=0)
+
+
+def test_no_corpus_style_sentence_is_a_control_command():
+    from autodeco.control import HIGH_COMMANDS, HIGH_COMMANDS_HELD_OUT, LOW_COMMANDS, LOW_COMMANDS_HELD_OUT
+
+    commands = [c.lower().rstrip(".") for c in LOW_COMMANDS + HIGH_COMMANDS + LOW_COMMANDS_HELD_OUT
+                + HIGH_COMMANDS_HELD_OUT]
+    for sentences in tasks.FILLER_SENTENCES.values():
+        for sentence in sentences:
+            assert not any(c in sentence.lower() for c in commands), sentence  # words shared, never a whole command

@@ -78,7 +78,7 @@ class BaseTrainingConfig:
     weight_decay: float = 0.01
     slip_rate: float = 0.04
     recheck_rate: float = 0.3
-    filler_rate: float = 0.3
+    filler_rate: float = 0.4
     vocab_size: int = 320
     tokenizer_corpus: int = 20_000  # corpus examples the BPE merges are learned on
     hidden_size: int = 128

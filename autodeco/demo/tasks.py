@@ -22,7 +22,8 @@ argument for per-token decoding):
 The base model's corpus (`corpus_example`) is written by an imperfect teacher, on purpose (a pretraining corpus
 is never clean): with probability `slip_rate` a result is written with one digit wrong (and the work goes on
 from the wrong value), and in "pairs" the teacher re-checks the pair it just rejected with probability
-`recheck_rate`. The clean solutions (`solve`) never slip and never re-check.
+`recheck_rate`. The clean solutions (`solve`) never slip and never re-check. A share of the corpus prompts carry a
+style request (FILLER_SENTENCES: careful, loose or neutral) that the teacher honours; see the comment there.
 
 Splits: a problem's split is a hash of its canonical key (family and numbers), so "train" and "test" can never
 share a problem, whatever the seeds or counts; generators draw until they have enough problems of the split
@@ -59,25 +60,34 @@ PAIRS_RANGE = (10, 49)
 # The teacher gives up re-checking after this many lines and writes the answer: keeps corpus solutions short.
 PAIRS_MAX_ATTEMPTS = 8
 
-# Sentences a user may add to a request, by the style they ask for. A share of the base corpus carries one and the
-# teacher honours it, as the authors of any pretraining text would: asked to be careful it never slips and never
-# re-checks; asked to be loose or random it slips twice as often; neutral requests change nothing. So the base model
-# has seen these words and they shape its hidden states (as instructions do in a pretrained model), while what they
-# should mean for the sampling temperature is left for control training (issue 6) to teach the heads. None of them
-# is one of autodeco.control's command phrasings, seen or held out.
+# Sentences a user may add to a request, by the style they ask for. A share of the base corpus carries one (before
+# the problem, after it, or on a line of its own) and the teacher honours it, as the authors of any pretraining text
+# would: asked to be careful it works through the pairs in reading order and never slips or re-checks; asked to be
+# loose or random it slips LOOSE_SLIP_FACTOR times as often; neutral requests change nothing. Because the request
+# changes the text at every choice (which pair next, how sure each digit is), the base model has to carry it to
+# every completion token, as a pretrained model carries an instruction, so the heads can see it there. What it
+# should mean for the sampling temperature is left to control training (issue 6). None of these sentences is one of
+# autodeco.control's command phrasings, seen or held out (a test checks it): control training must still map
+# wordings the base never saw onto the style it knows.
 _FILLER_OPENERS = ("Please", "Kindly", "Now", "Quick one:", "Hi!", "Thanks!", "Next:", "Okay,")
 _FILLER_BODIES = {
     "careful": (
         "be careful.", "be precise.", "be exact.", "be deterministic.", "use low randomness.", "keep it predictable.",
         "be conservative.", "stay focused.", "play it safe.", "be consistent.", "keep the temperature low.",
         "with minimal variation.", "avoid any surprises.", "be less random.", "be strict.", "be methodical.",
-        "low diversity please.", "no creativity needed.",
+        "low diversity please.", "no creativity needed.", "use as little variation as possible.",
+        "as little randomness as you can.", "take no risks.", "less variety please.", "keep variation minimal.",
+        "little randomness please.", "low randomness please.", "keep randomness low.", "reply with low variety.",
+        "keep diversity low.",
     ),
     "loose": (
         "be creative.", "be more random.", "use high randomness.", "be diverse.", "vary your answer.",
         "explore freely.", "try different ideas.", "mix it up.", "go wild.", "be adventurous.",
         "raise the temperature.", "with lots of variety.", "sample widely.", "take chances.", "be unpredictable.",
-        "be playful.", "surprise me.", "high diversity please.",
+        "be playful.", "surprise me.", "high diversity please.", "use as much variation as possible.",
+        "as much randomness as you can.", "take big risks.", "more variety please.", "keep variation maximal.",
+        "much randomness please.", "high randomness please.", "keep randomness high.", "reply with high variety.",
+        "keep diversity high.",
     ),
     "neutral": ("show your work.", "think step by step.", "take your time.", "be brief.", "keep it simple.",
                 "here is a problem.", "good luck."),
@@ -85,6 +95,7 @@ _FILLER_BODIES = {
 FILLER_SENTENCES = {style: tuple(f"{o} {b}" for o in _FILLER_OPENERS for b in bodies)
                     for style, bodies in _FILLER_BODIES.items()}
 _STYLE_WEIGHTS = {"careful": 0.4, "loose": 0.4, "neutral": 0.2}
+LOOSE_SLIP_FACTOR = 5
 
 
 @dataclass(frozen=True)
@@ -201,10 +212,14 @@ def _solve_arith(problem: DemoProblem, rng: random.Random, slip_rate: float) -> 
     return "\n".join(lines)
 
 
-def _solve_pairs(problem: DemoProblem, rng: random.Random, slip_rate: float, recheck_rate: float) -> str:
+def _solve_pairs(problem: DemoProblem, rng: random.Random, slip_rate: float, recheck_rate: float,
+                 systematic: bool = False) -> str:
     *candidates, target = problem.numbers
     order = list(_pair_sums(tuple(candidates)))
-    rng.shuffle(order)
+    if systematic:
+        order.reverse()  # popped from the end: (0, 1), (0, 2), ... in the order the numbers are written
+    else:
+        rng.shuffle(order)
     lines, previous = [], None
     answer = None
     while answer is None:
@@ -228,11 +243,13 @@ def _solve_pairs(problem: DemoProblem, rng: random.Random, slip_rate: float, rec
     return "\n".join(lines)
 
 
-def solve(problem: DemoProblem, rng: random.Random, *, slip_rate: float = 0.0, recheck_rate: float = 0.0) -> str:
-    """A step-by-step solution ending in \\boxed{answer}; with the defaults, always correct."""
+def solve(problem: DemoProblem, rng: random.Random, *, slip_rate: float = 0.0, recheck_rate: float = 0.0,
+          systematic: bool = False) -> str:
+    """A step-by-step solution ending in \\boxed{answer}; with the defaults, always correct. `systematic` tries the
+    pairs of "pairs" in reading order instead of a random one."""
     if problem.family == "arith":
         return _solve_arith(problem, rng, slip_rate)
-    return _solve_pairs(problem, rng, slip_rate, recheck_rate)
+    return _solve_pairs(problem, rng, slip_rate, recheck_rate, systematic)
 
 
 def corpus_example(rng: random.Random, *, slip_rate: float, recheck_rate: float, filler_rate: float,
@@ -248,11 +265,12 @@ def corpus_example(rng: random.Random, *, slip_rate: float, recheck_rate: float,
     if filler_rate and rng.random() < filler_rate:
         style = rng.choices(list(_STYLE_WEIGHTS), weights=list(_STYLE_WEIGHTS.values()))[0]
         filler = rng.choice(FILLER_SENTENCES[style])
-        user = f"{filler} {user}" if rng.random() < 0.5 else f"{user} {filler}"
+        # Before the problem, after it, or on a line of its own at the end (where autodeco.control puts commands).
+        user = rng.choice((f"{filler} {user}", f"{user} {filler}", f"{user}\n{filler}"))
         if style == "careful":
-            slip_rate = recheck_rate = 0.0
-        elif style == "loose":
-            slip_rate = min(1.0, 2 * slip_rate)
+            return user, solve(problem, rng, systematic=True)
+        if style == "loose":
+            slip_rate = min(1.0, LOOSE_SLIP_FACTOR * slip_rate)
     return user, solve(problem, rng, slip_rate=slip_rate, recheck_rate=recheck_rate)
 
 
