@@ -1,7 +1,7 @@
 """The demo's tiny base model: a standard Llama config and a BPE tokenizer built locally with `tokenizers`, trained
 from scratch on the demo tasks' corpus (autodeco/demo/tasks.py) by this script, imperfect on purpose.
 
-    python -m autodeco.demo.base --output-dir runs/demo-base          # retrain (about 10 min on 2 CPU cores)
+    python -m autodeco.demo.base --output-dir runs/demo-base          # retrain (about 30 min on 2 CPU cores)
     autodeco demo --retrain-base                                       # the same, then the whole demo on it
 
     from autodeco.demo.base import load_base

@@ -447,7 +447,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small version of every step (about 2 minutes)")
     p.add_argument("--retrain-base", action="store_true",
                    help="first retrain the tiny base model from its seed into OUTPUT_DIR/base and use it "
-                        "(about 15 minutes on 2 CPU cores) instead of the bundled weights")
+                        "(about 30 minutes on 2 CPU cores) instead of the bundled weights")
     p.add_argument("--base-model", default=None, metavar="DIR",
                    help="use this demo base directory (e.g. one written by --retrain-base) instead of the bundled one")
     p.add_argument("--fresh", action="store_true", help="delete OUTPUT_DIR first instead of resuming")
