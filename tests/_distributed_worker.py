@@ -77,6 +77,10 @@ def main() -> None:
         info = {"world_size": training_args.world_size, "log_history": trainer.state.log_history,
                 "trainable": trainable_parameter_names(model)}
         (out / "log_history.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    if torch.distributed.is_initialized():
+        # Shut gloo down while both ranks are alive: exiting with the group open can abort a rank at teardown.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
