@@ -223,6 +223,11 @@ def run_parsed(args: argparse.Namespace) -> int:
     except USER_ERRORS as exc:
         print(f"autodeco {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under accelerate / torchrun (train, data, eval): close the process group while every rank is alive;
+        # exiting with it open can abort a rank at teardown and fail the launch after a finished run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 

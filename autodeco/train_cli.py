@@ -407,13 +407,6 @@ def cmd_train(args) -> dict:
             + f"Saved heads, config and tokenizer to {args.output_dir} (checkpoints in {args.output_dir}/checkpoint-*).",
             flush=True,
         )
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Under accelerate / torchrun: close the process group while every rank is alive (exiting with it open can
-        # abort a rank at teardown and fail the launch after a finished run).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return summary
 
 
