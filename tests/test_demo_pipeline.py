@@ -81,3 +81,23 @@ def test_demo_flags_are_checked(tmp_path):
                  str(tmp_path / "x")]) == 2
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--quick", "--output-dir", str(tmp_path / "file")]) == 2
+
+
+def test_control_verdict_needs_both_consistencies_and_the_size_of_the_change():
+    from autodeco.demo.pipeline import _control_verdicts
+
+    def cell(delta, consistency):
+        return {"delta_temperature": delta, "consistency_temperature": consistency, "delta_top_p": 0.0,
+                "consistency_top_p": 0.5}
+
+    def verdict(low, high):
+        held_out = {"low": cell(0.0, 0.0), "high": cell(0.0, 0.0)}
+        lines = _control_verdicts({"seen": {"low": cell(*low), "high": cell(*high)}, "held_out": held_out})
+        assert len(lines) == 2 and "met" not in lines[1] and "missed" not in lines[1]  # held out: reported only
+        return lines[0].rsplit(": ", 1)[1]
+
+    assert verdict((-0.1, 0.95), (0.1, 0.90)) == "met."  # the goal's bounds are inclusive
+    assert verdict((-0.1, 0.94), (0.1, 0.90)) == "missed."
+    assert verdict((-0.1, 0.95), (0.1, 0.89)) == "missed."
+    assert verdict((-0.09, 1.0), (0.2, 1.0)) == "missed."  # |ΔT| too small
+    assert verdict((-0.2, 1.0), (0.09, 1.0)) == "missed."

@@ -204,9 +204,11 @@ def _control_verdicts(control: dict) -> list[str]:
                          f"consistency (ΔP {r['delta_top_p']:+.3f}, {100 * r['consistency_top_p']:.0f}%)")
             met &= (r["consistency_temperature"] >= CONTROL_GOAL[c]
                     and abs(r["delta_temperature"]) >= CONTROL_GOAL["delta_temperature"])
-        verdict = f": {'met' if met else 'missed'}" if s == "seen" else ""
-        goal = " (goal: >= 95% low, >= 90% high, |ΔT| >= 0.1)" if s == "seen" else ""
-        lines.append(f"- Decoding control on held-out prompts, {title}: {'; '.join(cells)}{goal}{verdict}.")
+        line = f"- Decoding control on held-out prompts, {title}: {'; '.join(cells)}"
+        if s == "seen":
+            line += (f" (goal: >= {CONTROL_GOAL['low']:.0%} low, >= {CONTROL_GOAL['high']:.0%} high, "
+                     f"|ΔT| >= {CONTROL_GOAL['delta_temperature']}): {'met' if met else 'missed'}")
+        lines.append(line + ".")
     return lines
 
 
