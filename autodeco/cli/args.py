@@ -1,0 +1,95 @@
+"""Argument types and shared flags for every `autodeco` command: one definition each.
+
+Types raise argparse.ArgumentTypeError, which argparse turns into a one-line usage error (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _number(text: str, cast, what: str):
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a positive number")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a number >= 0")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
+    return value
+
+
+def ratio(text: str) -> float:
+    value = _number(text, float, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def k_list(text: str) -> list[int]:
+    """'1,16' -> [1, 16] (sorted, unique, each >= 1)."""
+    values = []
+    for part in text.replace(" ", ",").split(","):
+        if not part:
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,16, got '{text}'") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"every k must be >= 1, got {value}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one k, e.g. 1,16")
+    return sorted(set(values))
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. save_steps=50), got '{text}'")
+    return key.strip().replace("-", "_"), value
+
+
+def read_template(value: str | None, flag: str = "--template") -> str | None:
+    """A prompt template given literally (it contains {problem}) or as the path of a file holding one."""
+    if value is None:
+        return None
+    path = Path(value)
+    if "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{problem}" not in value:
+        raise ValueError(f"{flag} '{value}': neither a file nor a template containing {{problem}}.")
+    return value
+
+
+def add_model_loading_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype, --device and --trust-remote-code, as every command that loads a model for inference takes them."""
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype of the base model (the heads stay float32); auto = bfloat16 on a CUDA GPU that "
+                        "supports it, else float32")
+    p.add_argument("--device", default="auto",
+                   help="torch device; auto = this process's GPU under accelerate launch, else cuda if available, "
+                        "else cpu")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the base model's own modelling code from its repository (off by default)")
