@@ -480,7 +480,7 @@ def test_boxed_lowercase_letter_is_that_choice(completion):
     assert scoring.score_choice(completion, "D") is True
 
 
-def test_free_text_lowercase_letter_stays_ignored_and_boxed_upper_counts():
+def test_boxed_uppercase_letter_is_scored():
     from autodeco.evaluation import scoring
 
     assert scoring.score_choice("\\boxed{D}", "D") is True
