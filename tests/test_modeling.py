@@ -423,3 +423,19 @@ def test_check_model_source_is_the_one_path_or_hub_rule(tmp_path):
         check_model_source(str(tmp_path / "file"), "AutoDeco model directory", fix="Create one.", directory=True)
     with pytest.raises(FileNotFoundError, match="The base model path '.*nope' does not exist. Pass an existing"):
         check_model_source(str(tmp_path / "nope"))
+
+
+def test_forward_with_labels_returns_the_two_head_losses(base):
+    from autodeco.losses import soft_top_p_loss, temperature_loss
+
+    model = AutoDecoModelForCausalLM.from_base(base, seed=0)
+    ids = torch.randint(4, 90, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    torch.manual_seed(0)
+    out = model(input_ids=ids, labels=labels)
+    torch.manual_seed(0)
+    t = temperature_loss(out.logits[:, :-1], out.temperature[:, :-1], labels[:, 1:])
+    p = soft_top_p_loss(out.logits[:, :-1], out.temperature[:, :-1], out.top_p[:, :-1], labels[:, 1:])
+    assert torch.equal(out.temperature_loss, t) and torch.equal(out.top_p_loss, p)
+    assert torch.equal(out.loss, t + p)

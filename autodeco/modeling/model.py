@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from autodeco.config import AutoDecoConfig
 from autodeco.features import distribution_stats, scale_logits
 from autodeco.heads import TemperatureHead, TopPHead
-from autodeco import losses
+from autodeco.losses import soft_top_p_loss, temperature_loss
 from autodeco.modeling.generation import AutoDecoGenerationMixin, _GenerationState, autodeco_generation_config
 from autodeco.modeling.io import HEAD_MODULES, AutoDecoIOMixin
 from autodeco.sampling import NUCLEUS_WINDOW
@@ -261,9 +261,9 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
             raise ValueError("Training with `labels` needs logits at every position: leave logits_to_keep=0.")
         shift_labels = labels[:, 1:].to(logits.device)
         shift_logits, shift_t, shift_p = logits[:, :-1], temperature[:, :-1], top_p[:, :-1]
-        temperature_loss = top_p_loss = None
+        t_loss = p_loss = None
         if self.config.train_temperature:
-            temperature_loss = losses.temperature_loss(
+            t_loss = temperature_loss(
                 shift_logits,
                 shift_t,
                 shift_labels,
@@ -271,9 +271,9 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
                 dft=self.config.dft,
             )
         if self.config.train_top_p:
-            top_p_loss = losses.soft_top_p_loss(
+            p_loss = soft_top_p_loss(
                 shift_logits, shift_t, shift_p, shift_labels, alpha=self.config.soft_top_p_alpha, dft=self.config.dft
             )
-        enabled = [loss for loss in (temperature_loss, top_p_loss) if loss is not None]
+        enabled = [loss for loss in (t_loss, p_loss) if loss is not None]
         total = sum(enabled[1:], enabled[0]) if enabled else temperature.new_zeros(())
-        return total, temperature_loss, top_p_loss
+        return total, t_loss, p_loss
