@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from autodeco.modeling.io import DTYPES, load_tokenizer, resolve_dtype  # noqa: F401  (re-exported for the old callers)
+from autodeco.modeling.io import copy_tokenizer as _copy_tokenizer
 
 
 def _positive_int(text: str) -> int:
@@ -30,39 +31,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def resolve_dtype(choice: str, on_gpu: bool):
-    """`--dtype` value -> torch dtype; "auto" is bfloat16 on a bf16-capable GPU, else float32."""
-    if choice == "auto":
-        return torch.bfloat16 if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[choice]
-
-
-def load_tokenizer(*sources: str | None):
-    """The first tokenizer that loads from `sources` (an AutoDeco directory, then its base, ...)."""
-    from transformers import AutoTokenizer
-
-    tried = []
-    for source in sources:
-        if not source:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError) as exc:
-            tried.append(f"{source} ({exc.__class__.__name__})")
-    raise FileNotFoundError(
-        f"No tokenizer found in {' or '.join(tried) or 'the model'}. Save one beside the model with "
-        "tokenizer.save_pretrained(DIR)."
-    )
-
-
-def _copy_tokenizer(source: str, target: str) -> bool:
-    try:
-        load_tokenizer(source).save_pretrained(target)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def cmd_init(args) -> None:

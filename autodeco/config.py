@@ -13,6 +13,10 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+# The label value PyTorch's cross-entropy (and every Hugging Face causal LM) ignores: a position that is not
+# supervised. The one definition; everything in autodeco imports it from here.
+IGNORE_INDEX = -100
+
 
 class AutoDecoConfig(PretrainedConfig):
     """Configuration of AutoDeco heads on a base causal LM.

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from autodeco.sampling import NUM_DISTRIBUTION_STATS
+from autodeco.features import NUM_DISTRIBUTION_STATS
 
 INITIAL_TEMPERATURE = 1.0
 INITIAL_TOP_P = 0.95

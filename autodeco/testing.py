@@ -2,7 +2,8 @@
 
 Used by the test suite, the benchmarks and the quick start (before the demo model exists):
 
-    python -m autodeco.testing runs/tiny-base --arch llama     # writes a random tiny base + tokenizer
+    >>> from autodeco.testing import save_tiny_base
+    >>> save_tiny_base("runs/tiny-base", arch="llama")     # a random tiny base + tokenizer (CLI: autodeco tiny-base)
 
 Every architecture is a standard transformers config with small sizes; weights are random (seeded), so the
 text is gibberish but every code path (cache, padding, tied embeddings, MoE routing) is real.
@@ -10,7 +11,6 @@ text is gibberish but every code path (cache, padding, tied embeddings, MoE rout
 
 from __future__ import annotations
 
-import argparse
 import string
 from pathlib import Path
 
@@ -82,16 +82,3 @@ def save_tiny_base(output_dir: str | Path, arch: str = "llama", seed: int = 0, *
     build_tiny_model(arch, seed, **config_kwargs).save_pretrained(output_dir)
     build_char_tokenizer().save_pretrained(output_dir)
     return output_dir
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a random tiny base model and a char tokenizer (no download).")
-    parser.add_argument("output_dir", help="directory to write the model and tokenizer into")
-    parser.add_argument("--arch", default="llama", choices=sorted(TINY_ARCHITECTURES), help="architecture (default llama)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    args = parser.parse_args(argv)
-    print(save_tiny_base(args.output_dir, args.arch, args.seed))
-
-
-if __name__ == "__main__":
-    main()

@@ -359,7 +359,7 @@ def cmd_train(args) -> dict:
         print(f"Data: {dataset.stats.summary()}", flush=True)
     trainer_kwargs = {}
     if control is not None:
-        from autodeco.control import ControlDataset, DataCollatorWithControl
+        from autodeco.data import ControlDataset, DataCollatorWithControl
 
         dataset = ControlDataset(dataset, tokenizer, share=control["share"], seed=control["seed"],
                                  max_length=args.max_length)

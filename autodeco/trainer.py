@@ -95,7 +95,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
-from autodeco.control import completion_means, control_margin_loss
+from autodeco.losses import completion_means, control_margin_loss
 from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion
 from autodeco.modeling import HEADS_WEIGHTS_NAME, AutoDecoModelForCausalLM
 

@@ -24,14 +24,12 @@ from autodeco.control import (
     LOW,
     LOW_COMMANDS,
     LOW_COMMANDS_HELD_OUT,
-    ControlDataset,
-    DataCollatorWithControl,
-    completion_means,
-    control_margin_loss,
     insert_command,
     insert_command_into_messages,
 )
-from autodeco.data import IGNORE_INDEX, AutoDecoDataset, DataCollatorForCompletion
+from autodeco.config import IGNORE_INDEX
+from autodeco.data import AutoDecoDataset, ControlDataset, DataCollatorForCompletion, DataCollatorWithControl
+from autodeco.losses import completion_means, control_margin_loss
 from autodeco.evaluation.benchmarks import Problem, build_prompt
 from autodeco.evaluation.control_eval import add_eval_control_parser, evaluate_control
 from autodeco.evaluation.runner import GenerationRequest, generate_completions

@@ -8,15 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autodeco.losses import (
-    IGNORE_INDEX,
-    _soft_top_p_loss_reference,
-    _SoftTopPNLL,
-    _temperature_loss_reference,
-    _TemperatureNLL,
-    soft_top_p_loss,
-    temperature_loss,
-)
+from autodeco.config import IGNORE_INDEX
+from autodeco.losses import soft_top_p_loss, temperature_loss
+from autodeco.losses.likelihood import _SoftTopPNLL, _TemperatureNLL
+from autodeco.losses.reference import _soft_top_p_loss_reference, _temperature_loss_reference
 
 VOCAB = 1000
 LOSS_RTOL = 1e-4
@@ -351,7 +346,7 @@ def test_bad_inputs_raise_clear_value_errors(call, words):
 def test_sliced_logits_are_read_in_place_and_match_a_contiguous_copy():
     # The model passes logits[:, :-1] (a non-contiguous view): the losses must read its rows where they
     # are, without a reshape that would copy all [B, L, V] logits.
-    from autodeco.losses import _supervised
+    from autodeco.losses.likelihood import _supervised
 
     logits, temperature, top_p, labels = make_batch((3, 10), seed=110)
     view, t_view, p_view, y_view = logits[:, :-1], temperature[:, :-1], top_p[:, :-1], labels[:, 1:]
@@ -386,13 +381,13 @@ def test_sliced_logits_are_read_in_place_and_match_a_contiguous_copy():
 
 def test_torch_sort_fallback_matches_numpy_sort(monkeypatch):
     # Without numpy the CPU sort falls back to torch.sort; same values, same label ranks, same loss.
-    import autodeco.losses as losses
+    import autodeco.features as features
 
     logits, temperature, top_p, labels = make_batch((2, 7), seed=120)
     ties = (logits * 2).round().to(torch.bfloat16)  # and with plenty of ties
     for z in (logits, ties):
         with_numpy = top_p_with_grads(soft_top_p_loss, z, temperature, top_p, labels, chunk_size=5)
-        monkeypatch.setattr(losses, "_np", None)
+        monkeypatch.setattr(features, "_np", None)
         without = top_p_with_grads(soft_top_p_loss, z, temperature, top_p, labels, chunk_size=5)
         monkeypatch.undo()
         for x, y in zip(with_numpy, without):

@@ -378,3 +378,64 @@ def test_single_head_ablations_equal_static_sampling(base, which):
     assert torch.all(ours.temperatures[finite] == static["temperature"]) and torch.all(ours.top_ps[finite] == static["top_p"])
     with pytest.raises(ValueError, match="static"):
         model.generate(ids, max_new_tokens=2, temperature=0.5, use_top_p_head=False)
+
+
+def test_teacher_forced_matches_an_unpadded_forward_per_row(base):
+    from autodeco.modeling import teacher_forced
+
+    model = AutoDecoModelForCausalLM.from_base(base, seed=3)
+    with torch.no_grad():  # heads that vary from token to token
+        model.temperature_head.mlp[2].weight.normal_(0, 0.5)
+        model.top_p_head.mlp[2].weight.normal_(0, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        (torch.randint(4, 90, (n,), generator=gen).tolist(), torch.randint(4, 90, (m,), generator=gen).tolist())
+        for n, m in ((5, 3), (2, 7), (9, 1), (4, 4), (1, 2))
+    ]
+    calls = []
+    results = teacher_forced(model, rows, batch_size=2, logits=True, on_batch=calls.append)
+    assert sum(calls) == len(rows) and len(calls) == 3
+    for (prompt, completion), r in zip(rows, results):
+        out = model(input_ids=torch.tensor([prompt + completion]))
+        m = len(completion)
+        positions = slice(len(prompt) - 1, len(prompt) + m - 1)  # position i predicts token i + 1
+        assert r.temperature.shape == r.top_p.shape == (m,) and r.logits.shape == (m, base.config.vocab_size)
+        torch.testing.assert_close(r.temperature, out.temperature[0, positions], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r.top_p, out.top_p[0, positions], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r.logits, out.logits[0, positions], rtol=1e-4, atol=1e-5)
+    single = teacher_forced(model, rows[:1], batch_size=1)[0]
+    assert single.logits is None and single.temperature.device.type == "cpu"
+    torch.testing.assert_close(single.temperature, results[0].temperature, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="empty completion"):
+        teacher_forced(model, [([1, 2], [])])
+
+
+def test_check_model_source_is_the_one_path_or_hub_rule(tmp_path):
+    from autodeco.modeling import check_model_source, looks_like_hub_id
+
+    assert check_model_source(str(tmp_path)) == "local"
+    assert check_model_source("Qwen/Qwen2.5-0.5B") == "hub"
+    assert looks_like_hub_id("owner/name") and not looks_like_hub_id("./owner/name")
+    assert not looks_like_hub_id("a/b/c") and not looks_like_hub_id("gpt2") and not looks_like_hub_id("a/")
+    (tmp_path / "file").write_text("x")
+    assert check_model_source(str(tmp_path / "file")) == "local"
+    with pytest.raises(FileNotFoundError, match="AutoDeco model directory '.*file' does not exist. Create"):
+        check_model_source(str(tmp_path / "file"), "AutoDeco model directory", fix="Create one.", directory=True)
+    with pytest.raises(FileNotFoundError, match="The base model path '.*nope' does not exist. Pass an existing"):
+        check_model_source(str(tmp_path / "nope"))
+
+
+def test_forward_with_labels_returns_the_two_head_losses(base):
+    from autodeco.losses import soft_top_p_loss, temperature_loss
+
+    model = AutoDecoModelForCausalLM.from_base(base, seed=0)
+    ids = torch.randint(4, 90, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    torch.manual_seed(0)
+    out = model(input_ids=ids, labels=labels)
+    torch.manual_seed(0)
+    t = temperature_loss(out.logits[:, :-1], out.temperature[:, :-1], labels[:, 1:])
+    p = soft_top_p_loss(out.logits[:, :-1], out.temperature[:, :-1], out.top_p[:, :-1], labels[:, 1:])
+    assert torch.equal(out.temperature_loss, t) and torch.equal(out.top_p_loss, p)
+    assert torch.equal(out.loss, t + p)

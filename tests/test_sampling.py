@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from autodeco.sampling import distribution_stats, dynamic_logits, nucleus_filter
+from autodeco.features import distribution_stats
+from autodeco.sampling import dynamic_logits, nucleus_filter
 
 # Rows whose nucleus boundary sits this close to P may legitimately differ by float32 summation order.
 BOUNDARY_TOLERANCE = 1e-5
@@ -136,3 +137,81 @@ def test_distribution_stats_definition():
     expected = torch.stack([p.max(-1).values, entropy, p.var(-1), p.topk(5, -1).values.sum(-1)], -1)
     torch.testing.assert_close(stats.double(), expected, rtol=1e-4, atol=1e-7)
     assert math.isclose(float(stats[0, 0]), float(p[0].max()), rel_tol=1e-5)
+
+
+def _branch_free_cases():
+    """Random batches: peaked and flat logits, T near the clamp, P near 0 and 1 (and exactly 1), ties, -inf."""
+    gen = torch.Generator().manual_seed(11)
+    for case in range(60):
+        n_rows = int(torch.randint(1, 9, (), generator=gen))
+        vocab = int(torch.randint(2, 400, (), generator=gen)) if case % 3 else int(torch.randint(2, 70, (), generator=gen))
+        scale = [0.01, 0.3, 3.0, 30.0][case % 4]  # flat ... peaked
+        logits = torch.randn(n_rows, vocab, generator=gen) * scale
+        if case % 5 == 0:  # plenty of exact ties
+            logits = logits.round()
+        if case % 7 == 0:  # masked tokens
+            logits[torch.rand(n_rows, vocab, generator=gen) < 0.3] = float("-inf")
+            logits[:, 0] = 0.0
+        if case % 11 == 0:  # a whole tie row
+            logits[0] = 1.0
+        kind = case % 4
+        if kind == 0:
+            temperature = torch.rand(n_rows, generator=gen) * 2 + 0.05
+        elif kind == 1:  # at and below the sampling clamp
+            temperature = torch.tensor([1e-6, 1e-4, 2e-4, 1e-3] * 3)[:n_rows]
+        else:
+            temperature = torch.rand(n_rows, generator=gen) * 4 + 1e-3
+        choices = torch.tensor([1e-6, 1e-3, 0.05, 0.5, 0.9, 0.999, 0.999999, 1.0])
+        top_p = choices[torch.randint(0, len(choices), (n_rows,), generator=gen)]
+        if case % 2:
+            top_p = torch.rand(n_rows, generator=gen).clamp_min(1e-7)
+        yield logits, temperature, top_p
+
+
+def test_branch_free_form_equals_the_branching_path():
+    # The CUDA form (no .any()/nonzero host synchronisation) forced on CPU: bit-identical to the CPU path.
+    checked = 0
+    for logits, temperature, top_p in _branch_free_cases():
+        for window in (1, 4, 64):
+            for t in (temperature, torch.ones_like(temperature)):
+                scaled = (logits / t.clamp_min(1e-4).unsqueeze(-1)).float()
+                branching = nucleus_filter(scaled, top_p, window, branch_free=False)
+                free = nucleus_filter(scaled, top_p, window, branch_free=True)
+                assert torch.equal(branching, free), (window, logits.shape, top_p)
+                checked += 1
+        stats, log_z, top_values = distribution_stats(dynamic_logits(logits, 1.0, 1.0), window=64)
+        assert torch.equal(
+            nucleus_filter(logits.float(), top_p, log_z=log_z, top_values=top_values, branch_free=True),
+            nucleus_filter(logits.float(), top_p, log_z=log_z, top_values=top_values, branch_free=False),
+        )
+        assert torch.equal(
+            dynamic_logits(logits, temperature, top_p, branch_free=True),
+            dynamic_logits(logits, temperature, top_p),
+        )
+    assert checked == 60 * 3 * 2
+
+
+def test_branch_free_form_is_chosen_off_cpu_only(monkeypatch):
+    import autodeco.sampling as sampling
+
+    calls = []
+    monkeypatch.setattr(sampling, "_nucleus_filter_branch_free", lambda *a, **k: calls.append(1) or a[0])
+    logits = torch.randn(2, 10)
+    dynamic_logits(logits, 1.0, 0.5)
+    assert calls == []
+    dynamic_logits(logits, 1.0, 0.5, branch_free=True)
+    assert calls == [1]
+
+
+def test_entropy_ignores_masked_tokens_and_matches_the_definition():
+    from autodeco.features import entropy
+
+    logits = torch.tensor([[0.0, 1.0, float("-inf"), 2.0], [5.0, float("-inf"), float("-inf"), float("-inf")]])
+    h = entropy(logits)
+    p = torch.softmax(logits[0, [0, 1, 3]].double(), -1)
+    assert not torch.isnan(h).any()
+    assert math.isclose(float(h[0]), float(-(p * p.log()).sum()), rel_tol=1e-6)
+    assert float(h[1]) == 0.0
+    assert entropy(logits.to(torch.bfloat16)).dtype == torch.float32
+    # The statistics' entropy column is the same function.
+    assert torch.equal(distribution_stats(logits)[:, 1], h)

@@ -1,41 +1,15 @@
-"""Training losses for the AutoDeco temperature and top-p heads (arXiv 2510.26697, section 3).
-
-Two plain functions, each returning a scalar to add to the training objective:
+"""The AutoDeco head losses (arXiv 2510.26697, sec. 3) as chunked closed-form autograd kernels.
 
     temperature_loss(logits, temperature, labels, *, easy_token_mask_ratio=0.6, dft=True, generator=None,
                      chunk_size=None)
     soft_top_p_loss(logits, temperature, top_p, labels, *, alpha=30.0, dft=True, chunk_size=None)
 
-    logits       [..., V]  raw base-model logits, already aligned with labels (no shift here); no gradient
-                           flows into them; bf16 / fp16 / fp32 / fp64
-    temperature  [...]     predicted T, carries gradients
-    top_p        [...]     predicted P, carries gradients
-    labels       [...]     long, IGNORE_INDEX (-100) where the position is not supervised
-
-Both are the mean over supervised positions of w_t * nll_t, where w_t = softmax(logits)[label] (detached,
-T = 1) when `dft` ("dynamic fine-tuning" weighting) and 1 otherwise.
-
-* temperature loss: nll_t = -log softmax(logits / T)[label]. Easy tokens (base argmax == label) are
-  each dropped with probability `easy_token_mask_ratio`; the draws come from `generator`, one
-  `torch.rand` over all supervised positions, so a seed fixes the mask whatever the chunking.
-* soft top-p loss: p = softmax(logits / T); with tokens sorted by p descending and c their cumulative
-  probability (own probability included), m = exp(-alpha * relu(c - P)) in vocabulary order,
-  p~ = p * m / (sum(p * m) + SOFT_TOP_P_EPS), nll_t = -log p~[label]. Gradients reach both T and P.
-
-Why not just write the formulas with autograd (see `_soft_top_p_loss_reference`, kept as the readable
-baseline): autograd keeps every [tokens, V] intermediate (softmax, sort, cumsum, mask) alive until
-backward, which at 1,024 tokens x 151,936 vocabulary is ~7 GB. Here the logits need no gradient and T, P
-are one scalar per token, so a custom autograd Function computes, chunk by chunk of supervised rows, the
-loss AND the closed-form d nll/dT and d nll/dP in the forward pass, keeps only those [N] vectors, and
-backward is a multiply. Peak extra memory is one chunk's buffers (~DEFAULT_CHUNK_ELEMENTS per buffer),
-independent of sequence length. The soft top-p loss sorts each row's V logits once, with no autograd
-(T > 0 only rescales them, so the order is the logits' own). Benchmark: `python bench/bench_losses.py`
-(results in docs/benchmarks.md).
-
-Usage in a training step:
-
-    loss = temperature_loss(logits, T, labels) + soft_top_p_loss(logits, T, P, labels)
-    loss.backward()   # grads reach T and P (and through them the heads), never the logits
+logits [..., V] (aligned with labels, no shift, no gradient into them), temperature / top_p [...] (carry
+gradients), labels [...] long with IGNORE_INDEX where unsupervised. Each returns the mean over supervised
+positions of w_t * nll_t (w_t = softmax(logits)[label] when `dft`). The forward pass computes, chunk by chunk
+of supervised rows, the loss and its closed-form d/dT, d/dP, so peak memory is one chunk's [C, V] buffers;
+backward is a multiply. The readable autograd formulas are in autodeco.losses.reference. Formulas, memory
+and benchmarks: docs/training.md, docs/benchmarks.md (`python bench/bench_losses.py`).
 """
 
 from __future__ import annotations
@@ -44,16 +18,14 @@ import math
 
 import torch
 
-try:
-    import numpy as _np
-except ImportError:  # torch runs without numpy; sorting then falls back to torch.sort (slower on CPU)
-    _np = None
+from autodeco.config import IGNORE_INDEX
+from autodeco.features import sort_ascending
 
-IGNORE_INDEX = -100
 # Added to sum(p * m) before the log: keeps log finite when every mask underflows (huge alpha).
 SOFT_TOP_P_EPS = 1e-9
-# T is clamped from below before dividing the logits; below it the loss is flat in T (zero gradient).
-MIN_TEMPERATURE = 1e-3
+# T is clamped from below before dividing the logits; below it the loss is flat in T (zero gradient). Not the
+# sampler's clamp (autodeco.features.MIN_TEMPERATURE, 1e-4).
+LOSS_MIN_TEMPERATURE = 1e-3
 # Rows per chunk default to DEFAULT_CHUNK_ELEMENTS // V (55 rows at V = 151,936): a float32 [chunk, V]
 # buffer is then just under 32 MiB and the soft top-p kernel keeps ~4-5 alive (measured 135 MB peak with
 # glibc forced to unmap freed blocks; 250-420 MB with its default heap, which keeps some). Smaller chunks
@@ -64,7 +36,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 23
 __all__ = [
     "IGNORE_INDEX",
     "SOFT_TOP_P_EPS",
-    "MIN_TEMPERATURE",
+    "LOSS_MIN_TEMPERATURE",
     "DEFAULT_CHUNK_ELEMENTS",
     "temperature_loss",
     "soft_top_p_loss",
@@ -171,10 +143,7 @@ def _sort_descending_with_rank(
     # [C, V] -z, unsorted, kept until the rank is known: ties at the label need the vocabulary order.
     neg = raw.neg_() if raw.dtype == cdt else torch.neg(raw.to(cdt))
     neg_y = neg.gather(1, label[:, None])  # [C, 1]
-    if neg.device.type == "cpu" and _np is not None:
-        ascending = torch.from_numpy(_np.sort(neg.numpy(), axis=1))
-    else:
-        ascending = neg.sort(dim=1).values
+    ascending = sort_ascending(neg)
     rank = torch.searchsorted(ascending, neg_y, side="left")  # tokens strictly above the label
     n_equal = torch.searchsorted(ascending, neg_y, side="right") - rank
     tied = (n_equal > 1).squeeze(1).nonzero().squeeze(1)
@@ -415,7 +384,7 @@ def temperature_loss(
     if rows.numel() == 0:
         return _zero_connected(temperature)
     draws = _easy_token_draws(rows.numel(), generator, logits.device) if ratio > 0 else None
-    t = temperature.reshape(-1)[rows].to(cdt).clamp_min(MIN_TEMPERATURE)  # [N]
+    t = temperature.reshape(-1)[rows].to(cdt).clamp_min(LOSS_MIN_TEMPERATURE)  # [N]
     nll, weight, argmax = _TemperatureNLL.apply(
         base, rows, row_labels, t, _rows_per_chunk(chunk_size, logits.shape[-1])
     )
@@ -455,70 +424,9 @@ def soft_top_p_loss(
     base, rows, row_labels = _supervised(logits, labels)
     if rows.numel() == 0:
         return _zero_connected(temperature, top_p)
-    t = temperature.reshape(-1)[rows].to(cdt).clamp_min(MIN_TEMPERATURE)  # [N]
+    t = temperature.reshape(-1)[rows].to(cdt).clamp_min(LOSS_MIN_TEMPERATURE)  # [N]
     p = top_p.reshape(-1)[rows].to(cdt)  # [N]
     nll, weight = _SoftTopPNLL.apply(
         base, rows, row_labels, t, p, alpha_value, _rows_per_chunk(chunk_size, logits.shape[-1])
     )
     return ((weight if dft else 1.0) * nll).sum() / nll.numel()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Readable references: the formulas written directly with autograd over [..., V]. They materialise
-# everything (that is the point of the fast path above); tests and bench/bench_losses.py compare to them.
-# ----------------------------------------------------------------------------------------------------
-
-
-def _temperature_loss_reference(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    easy_token_mask_ratio: float = 0.6,
-    dft: bool = True,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    cdt = _compute_dtype(logits, temperature)
-    z = logits.detach().to(cdt)  # [..., V]
-    supervised = labels != IGNORE_INDEX  # [...]
-    target = labels.clamp_min(0).long()
-    t = temperature.to(cdt).clamp_min(MIN_TEMPERATURE)
-    log_p = torch.log_softmax(z / t[..., None], dim=-1)
-    nll = -log_p.gather(-1, target[..., None]).squeeze(-1)  # [...]
-    weight = torch.softmax(z, dim=-1).gather(-1, target[..., None]).squeeze(-1) if dft else torch.ones_like(nll)
-    keep = supervised.clone()
-    if easy_token_mask_ratio > 0 and bool(supervised.any()):
-        draws = _easy_token_draws(int(supervised.sum()), generator, logits.device)
-        easy = z.argmax(dim=-1) == target
-        keep[supervised] = ~(easy[supervised] & (draws < easy_token_mask_ratio))
-    if not bool(keep.any()):
-        return temperature.sum() * 0.0
-    return (weight * nll)[keep].sum() / keep.sum()
-
-
-def _soft_top_p_loss_reference(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float = 30.0,
-    dft: bool = True,
-) -> torch.Tensor:
-    cdt = _compute_dtype(logits, temperature, top_p)
-    z = logits.detach().to(cdt)  # [..., V]
-    supervised = labels != IGNORE_INDEX
-    target = labels.clamp_min(0).long()[..., None]
-    t = temperature.to(cdt).clamp_min(MIN_TEMPERATURE)[..., None]
-    log_p = torch.log_softmax(z / t, dim=-1)  # [..., V]
-    p = log_p.exp()
-    sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
-    cum = sorted_p.cumsum(dim=-1)  # [..., V] each token's own probability included
-    log_mask_sorted = -alpha * torch.relu(cum - top_p.to(cdt)[..., None])
-    log_mask = torch.empty_like(log_mask_sorted).scatter(-1, order, log_mask_sorted)  # vocabulary order
-    log_mass = torch.log((p * log_mask.exp()).sum(dim=-1) + SOFT_TOP_P_EPS)  # [...]
-    log_p_tilde = (log_p + log_mask).gather(-1, target).squeeze(-1) - log_mass
-    weight = torch.softmax(z, dim=-1).gather(-1, target).squeeze(-1) if dft else torch.ones_like(log_mass)
-    if not bool(supervised.any()):
-        return (temperature.sum() + top_p.sum()) * 0.0
-    return -(weight * log_p_tilde)[supervised].mean()

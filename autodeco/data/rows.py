@@ -1,53 +1,15 @@
-"""Training data for the AutoDeco heads: JSONL rows -> token ids + labels, and a padding collator.
+"""Training rows: JSONL reading and validation, and tokenising a row into input_ids + labels.
 
-The heads are trained on a frozen base model with the ordinary causal-LM objective restricted to the
-tokens the model is meant to *generate*, so every example is a pair of equal-length lists: ``input_ids``
-and ``labels`` where ``labels`` is ``-100`` on every token that is context rather than target.
+Each non-blank line is {"prompt": ..., "completion": ...} (prompt used as is; the completion plus EOS is
+supervised) or {"messages": [{"role", "content"}, ...]} (chat template applied; only what the model emits for
+assistant turns is supervised: content and end-of-turn tokens, not the role header). labels are IGNORE_INDEX
+(-100) on context. Bad rows raise DataError naming file, line and field (or are skipped and counted with
+skip_bad_rows=True); rows over max_length are cut from the right, and a row left with nothing supervised is
+dropped.
 
-Each non-blank line of a JSONL file is one row, in either of two forms:
+    >>> examples, stats = load_examples(["train.jsonl"], tokenizer, max_length=4096)
 
-* ``{"prompt": "...", "completion": "..."}`` -- the AutoDeco paper's format. The prompt is used as is
-  (it must already be formatted the way the model expects; no chat template is applied). Only the
-  completion is supervised, and ``tokenizer.eos_token`` is appended to it (and supervised) so the model
-  learns where to stop.
-* ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]}``
-  -- chat. The tokenizer's chat template is applied and only the assistant turns are supervised
-  (see "Chat supervision" below).
-
-Usage::
-
-    from autodeco.data import AutoDecoDataset, DataCollatorForCompletion
-
-    train = AutoDecoDataset.from_jsonl(["train_a.jsonl", "train_b.jsonl"], tokenizer, max_length=4096)
-    print(train.stats.summary())
-    trainer = Trainer(model=model, train_dataset=train,
-                      data_collator=DataCollatorForCompletion(tokenizer, pad_to_multiple_of=8), ...)
-
-Bad rows (invalid JSON, missing or mistyped fields, an empty completion, a conversation without an
-assistant turn, bytes that are not UTF-8) raise :class:`DataError` naming the file, the 1-based line
-and the field, unless ``skip_bad_rows=True``, in which case they are skipped and counted in
-:class:`DataStats`. Rows longer than ``max_length`` tokens are cut from the right; a row left with no
-supervised token is dropped. Both are counted.
-
-Chat supervision
-----------------
-What is supervised is what the model emits for an assistant turn at inference time: the assistant's
-content followed by the end-of-turn token(s) the template writes right after it (e.g. ChatML's
-``<|im_end|>``), but not the role header before it (``<|im_start|>assistant\\n``), which the serving
-code writes as the generation prompt. Two ways to find those tokens:
-
-1. The template marks assistant output with ``{% generation %}...{% endgeneration %}`` and the
-   tokenizer is a fast one: transformers' ``return_assistant_tokens_mask`` is used, so exactly the
-   tokens inside the markers are supervised -- the template author decides.
-2. Otherwise the conversation is rendered incrementally. For assistant turn ``i`` the turn starts after
-   ``messages[:i]`` rendered *with* the generation prompt (so the header is context), and ends where
-   ``messages[:i+1]`` ends. Both renderings must be token-prefixes of the whole conversation; a
-   template for which they are not (one that rewrites earlier turns once later ones exist) is rejected
-   with an error rather than guessed at. Tokens the template writes after the last
-   ``tokenizer.eos_token`` of the turn (ChatML's trailing newline, say) are not supervised: generation
-   stops at EOS, so the model never produces them. A template without a generation prompt, or whose
-   generation prompt is not how it opens a stored assistant turn, gives no way to tell the role header
-   from the content; the turn is then taken from the end of the previous one, header included.
+The rules of chat supervision and of each error: docs/training.md ("Training data").
 """
 
 from __future__ import annotations
@@ -58,21 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
-from torch.utils.data import Dataset
+from autodeco.config import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
     "DataError",
     "DataStats",
     "load_examples",
-    "AutoDecoDataset",
-    "DataCollatorForCompletion",
     "RowTokenizer",
 ]
-
-# The label value PyTorch's cross-entropy (and every Hugging Face causal LM) ignores.
-IGNORE_INDEX = -100
 
 # Enough reasons to see what is wrong with a file without flooding the training log.
 _MAX_BAD_ROW_EXAMPLES = 5
@@ -298,7 +254,7 @@ def _tokenize_prompt_completion(row: dict, tokenizer, eos_id: int, strip_suffix:
 
 
 class _ChatTokenizer:
-    """Turns a validated ``messages`` list into ``(input_ids, labels)``; see "Chat supervision" above."""
+    """Turns a validated ``messages`` list into ``(input_ids, labels)``; see "Chat supervision" in docs/training.md."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -519,90 +475,3 @@ def load_examples(
             )
         raise DataError(f"no usable training rows in {names} ({stats.summary()}). " + " ".join(hints))
     return examples, stats
-
-
-class AutoDecoDataset(Dataset):
-    """Tokenised training examples (``{"input_ids", "labels"}`` lists) with the :class:`DataStats` of loading."""
-
-    def __init__(self, examples: list[dict], stats: DataStats | None = None):
-        self.examples = examples
-        self.stats = stats if stats is not None else DataStats()
-
-    @classmethod
-    def from_jsonl(
-        cls,
-        paths: str | Path | Sequence[str | Path],
-        tokenizer,
-        max_length: int = 4096,
-        skip_bad_rows: bool = False,
-        keep_rows: bool = False,
-    ) -> "AutoDecoDataset":
-        examples, stats = load_examples(
-            paths, tokenizer, max_length=max_length, skip_bad_rows=skip_bad_rows, keep_rows=keep_rows
-        )
-        return cls(examples, stats)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.examples[index]
-
-
-class DataCollatorForCompletion:
-    """Right-pads a list of ``{"input_ids", "labels"}`` examples into a batch of tensors.
-
-    Returns ``input_ids`` [B, L] (padded with the pad id), ``attention_mask`` [B, L] (1 on real tokens)
-    and ``labels`` [B, L] (``-100`` on padding), all ``torch.long``; ``L`` is the longest example,
-    rounded up to ``pad_to_multiple_of`` if given. Labels are not shifted: the model shifts them, as any
-    Hugging Face causal LM does. The pad id is ``pad_token_id`` if given, else the tokenizer's pad token,
-    else its EOS token -- harmless, since the attention mask comes from the lengths, not the pad id.
-    """
-
-    def __init__(self, tokenizer=None, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None and tokenizer is not None:
-            pad_token_id = tokenizer.pad_token_id
-            if pad_token_id is None:
-                pad_token_id = tokenizer.eos_token_id
-        if pad_token_id is None:
-            raise ValueError(
-                "DataCollatorForCompletion needs a pad id: pass pad_token_id=..., "
-                "or a tokenizer with a pad or EOS token"
-            )
-        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
-            raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}")
-        self.pad_token_id = int(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("DataCollatorForCompletion got an empty batch")
-        rows = []
-        for index, feature in enumerate(features):
-            if "input_ids" not in feature or "labels" not in feature:
-                raise ValueError(
-                    f"batch item {index} has keys {sorted(feature)}; it needs 'input_ids' and 'labels' "
-                    "(as produced by autodeco.data.load_examples)"
-                )
-            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long).flatten()
-            labels = torch.as_tensor(feature["labels"], dtype=torch.long).flatten()
-            if ids.numel() != labels.numel():
-                raise ValueError(
-                    f"batch item {index}: input_ids has {ids.numel()} tokens but labels has {labels.numel()}; "
-                    "they must be the same length (labels unshifted)"
-                )
-            rows.append((ids, labels))
-
-        length = max(ids.numel() for ids, _ in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = len(rows)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)  # [B, L]
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)  # [B, L]
-        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)  # [B, L]
-        for row, (ids, row_labels) in enumerate(rows):
-            n = ids.numel()
-            input_ids[row, :n] = ids
-            attention_mask[row, :n] = 1
-            labels[row, :n] = row_labels
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
