@@ -435,8 +435,12 @@ def soft_top_p_loss(
     alpha: float = 30.0,
     dft: bool = True,
     chunk_size: int | None = None,
+    official_log: bool = False,
 ) -> torch.Tensor:
     """Mean over supervised positions of w * -log p~[label], p~ the soft nucleus of softmax(logits / T) at P.
+
+    `official_log=True` takes -log(p~[label] + SOFT_TOP_P_EPS) as the official AutoDeco code does (it saturates
+    at ~20.7 nats); the default is the exact log. Issue 12.
 
     logits [..., V], temperature [...], top_p [...], labels [...] (IGNORE_INDEX = not supervised). `alpha`
     is the steepness of the soft cut. Gradients reach T and P. `chunk_size` = rows per chunk (default:
@@ -460,6 +464,8 @@ def soft_top_p_loss(
     nll, weight = _SoftTopPNLL.apply(
         base, rows, row_labels, t, p, alpha_value, _rows_per_chunk(chunk_size, logits.shape[-1])
     )
+    if official_log:  # -log(p~ + eps) from -log p~; autograd scales the kernel's gradient by p~ / (p~ + eps)
+        nll = -torch.log(torch.exp(-nll) + SOFT_TOP_P_EPS)
     return ((weight if dft else 1.0) * nll).sum() / nll.numel()
 
 
@@ -504,6 +510,7 @@ def _soft_top_p_loss_reference(
     *,
     alpha: float = 30.0,
     dft: bool = True,
+    official_log: bool = False,
 ) -> torch.Tensor:
     cdt = _compute_dtype(logits, temperature, top_p)
     z = logits.detach().to(cdt)  # [..., V]
@@ -518,6 +525,8 @@ def _soft_top_p_loss_reference(
     log_mask = torch.empty_like(log_mask_sorted).scatter(-1, order, log_mask_sorted)  # vocabulary order
     log_mass = torch.log((p * log_mask.exp()).sum(dim=-1) + SOFT_TOP_P_EPS)  # [...]
     log_p_tilde = (log_p + log_mask).gather(-1, target).squeeze(-1) - log_mass
+    if official_log:  # the official code's log(p~ + 1e-9)
+        log_p_tilde = torch.log(log_p_tilde.exp() + SOFT_TOP_P_EPS)
     weight = torch.softmax(z, dim=-1).gather(-1, target).squeeze(-1) if dft else torch.ones_like(log_mass)
     if not bool(supervised.any()):
         return (temperature.sum() + top_p.sum()) * 0.0

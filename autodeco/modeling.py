@@ -38,6 +38,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
+from autodeco import official  # issue 12: official AutoDeco layouts and feature arithmetic
 from autodeco.atomic import atomic_write, write_text_atomic
 from autodeco.config import AutoDecoConfig
 from autodeco.heads import TemperatureHead, TopPHead
@@ -332,11 +333,24 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         path = str(pretrained_model_name_or_path)
         kwargs.pop("_from_auto", None)
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        # Popped here so that it reaches no base/super from_pretrained (the merged route raised TypeError).
+        base_override = kwargs.pop("base_model_name_or_path", None)
         if not os.path.isdir(path) and (_is_local_path(path) or not _looks_like_hub_id(path)):
             raise FileNotFoundError(
                 f"AutoDeco model directory '{path}' does not exist. Create one with `autodeco init --base BASE "
                 "--output-dir DIR` or AutoDecoModelForCausalLM.from_base(...).save_pretrained(DIR)."
             )
+        if config is None or getattr(config, "base_config", None) is None:
+            # Issue 12: the official checkpoints' layouts (autodeco/official.py). AutoModelForCausalLM passes a
+            # config parsed from their flat config.json (no base_config, which ours always have): look again.
+            layout = official.detect_layout(path, hub_kwargs)
+            if layout is not None:
+                return official.load_official(
+                    # AutoModelForCausalLM puts a base_model_name_or_path= override into the config it parsed.
+                    cls, path, layout, model_args=model_args,
+                    base_model_name_or_path=base_override or getattr(config, "base_model_name_or_path", None),
+                    hub_kwargs=hub_kwargs, **kwargs,
+                )
         if config is None:
             config = AutoConfig.from_pretrained(path, **hub_kwargs)
         if not isinstance(config, AutoDecoConfig):
@@ -349,6 +363,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
 
         if any(resolve(name) for name in MERGED_WEIGHTS_NAMES):
+            if base_override:  # merged: the base weights are in the directory; the override is what split records
+                config.base_model_name_or_path = str(base_override)
             model = super().from_pretrained(path, *model_args, config=config, **hub_kwargs, **kwargs)
             model._check_merged_heads_loaded(path)
             return model
@@ -359,7 +375,7 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
                 f"'{path}' has config.json but neither {HEADS_WEIGHTS_NAME} (heads-only layout) nor "
                 f"{MERGED_WEIGHTS_NAMES[0]} (merged layout). Was the save interrupted? Re-save the model."
             )
-        base_name = kwargs.pop("base_model_name_or_path", None) or config.base_model_name_or_path
+        base_name = base_override or config.base_model_name_or_path
         if not base_name:
             raise ValueError(f"'{path}/config.json' records no base_model_name_or_path; pass base_model_name_or_path=.")
         _check_base_exists(base_name, what=f"base model recorded in '{path}/config.json'")
@@ -456,7 +472,11 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         temperature = self.temperature_head(hidden)
         stats = scaled = None
         keep_scaled = keep_scaled and logits.shape[1] == 1 and logits.shape[0] <= STATS_CHUNK_ROWS
-        if self.config.top_p_features and keep_scaled:
+        if self.config.top_p_features and self.config.feature_arithmetic == "official":
+            # Issue 12: heads trained by the official code see its features, at inference and in training.
+            with torch.no_grad():
+                stats = official.official_stats_chunked(logits, temperature.detach())
+        elif self.config.top_p_features and keep_scaled:
             with torch.no_grad():
                 # One position per sequence, exactly the scaled logits the nucleus will filter: keep them.
                 flat_scaled = scale_logits(logits[:, 0], temperature.detach()[:, 0])
@@ -604,7 +624,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if self.config.train_top_p:
             top_p_loss = losses.soft_top_p_loss(
-                shift_logits, shift_t, shift_p, shift_labels, alpha=self.config.soft_top_p_alpha, dft=self.config.dft
+                shift_logits, shift_t, shift_p, shift_labels, alpha=self.config.soft_top_p_alpha, dft=self.config.dft,
+                official_log=self.config.soft_top_p_official_log,  # issue 12
             )
         enabled = [loss for loss in (temperature_loss, top_p_loss) if loss is not None]
         total = sum(enabled[1:], enabled[0]) if enabled else temperature.new_zeros(())
