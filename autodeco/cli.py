@@ -18,6 +18,7 @@ reported in one line naming the problem, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -147,6 +148,11 @@ def cmd_split(args) -> None:
     print(f"Wrote heads-only model to {args.output_dir}" + (f" and its base to {args.base_output_dir}" if args.base_output_dir else ""))
 
 
+# TEMPORARY (issue 12): this module stands where the autodeco/cli/ package will be; a __path__ lets
+# `autodeco.cli.convert` (autodeco/cli/convert.py) be imported meanwhile. Drop when cli.py becomes cli/__init__.py.
+__path__ = [os.path.join(os.path.dirname(__file__), "cli")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autodeco",
@@ -205,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_eval_parser(sub)
     add_eval_control_parser(sub)
+
+    # Issue 12, TEMPORARY until the cli package lands (issue 14): autodeco/cli/convert.py's register().
+    from autodeco.cli.convert import register as register_convert
+
+    register_convert(sub)
 
     from autodeco.demo.pipeline import add_demo_parser
 
