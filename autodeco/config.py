@@ -17,6 +17,9 @@ from transformers.configuration_utils import SubConfigSpec
 # supervised. The one definition; everything in autodeco imports it from here.
 IGNORE_INDEX = -100
 
+# How the top-p head's statistics are computed (issue 12): ours, or as the official AutoDeco code does.
+FEATURE_ARITHMETICS = ("exact", "official")
+
 
 class AutoDecoConfig(PretrainedConfig):
     """Configuration of AutoDeco heads on a base causal LM.
@@ -34,6 +37,11 @@ class AutoDecoConfig(PretrainedConfig):
         soft_top_p_alpha: steepness of the soft top-p mask exp(-alpha * relu(c - P)) (the paper: 30).
         easy_token_mask_ratio: share of easy tokens (base argmax == label) dropped from the temperature loss.
         dft: weight each token's loss by the base model's detached probability of the label.
+        feature_arithmetic: how the top-p head's distribution statistics are computed, at inference and in
+            training: "exact" (ours) or "official" (the official code's eps-shifted softmax and entropy; set when
+            an official checkpoint is loaded, because its heads were trained on those features). Issue 12.
+        soft_top_p_official_log: the soft top-p loss takes the official log(p~ + 1e-9) instead of the exact log
+            (off by default; only for reproducing the official training). Issue 12.
     """
 
     model_type = "autodeco"
@@ -51,6 +59,9 @@ class AutoDecoConfig(PretrainedConfig):
     soft_top_p_alpha: float = 30.0
     easy_token_mask_ratio: float = 0.6
     dft: bool = True
+    # Issue 12 (official checkpoints): see autodeco/official.py and docs/checkpoints.md.
+    feature_arithmetic: str = "exact"
+    soft_top_p_official_log: bool = False
 
     def __post_init__(self, **kwargs):
         # The parent pushes its own (unset) attention/experts implementation down into sub-configs; a loaded
@@ -79,6 +90,8 @@ class AutoDecoConfig(PretrainedConfig):
             fail("soft_top_p_alpha", "use a positive number (the paper uses 30).")
         if not 0.0 <= self.easy_token_mask_ratio <= 1.0:
             fail("easy_token_mask_ratio", "use a share in [0, 1] (the paper uses 0.6).")
+        if self.feature_arithmetic not in FEATURE_ARITHMETICS:
+            fail("feature_arithmetic", f"use one of {FEATURE_ARITHMETICS} ('official' for heads trained by the official code).")
 
     def get_text_config(self, decoder=None, encoder=None) -> PretrainedConfig:
         # The wrapper generates with the base's layers, so cache and vocabulary questions go to the base.

@@ -37,6 +37,27 @@ TINY_ARCHITECTURES = {
     ),
     "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=None),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    # Issue 12: the rest of the architectures the AutoDeco paper used or that stress the logits path.
+    "gpt_oss": dict(
+        model_type="gpt_oss", num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "mixtral": dict(model_type="mixtral", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(
+        model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1,
+    ),
+    # Final logit soft-capping: the dynamic logits must come from the capped logits.
+    "gemma2": dict(
+        model_type="gemma2", num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0,
+    ),
+    # Logit scaling: logits = lm_head(h) / logits_scaling.
+    "granite": dict(model_type="granite", num_key_value_heads=2, logits_scaling=4.0),
+    "phi3": dict(model_type="phi3", num_key_value_heads=2),
+    "olmo2": dict(model_type="olmo2", num_key_value_heads=2),
 }
 
 

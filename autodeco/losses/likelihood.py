@@ -404,8 +404,12 @@ def soft_top_p_loss(
     alpha: float = 30.0,
     dft: bool = True,
     chunk_size: int | None = None,
+    official_log: bool = False,
 ) -> torch.Tensor:
     """Mean over supervised positions of w * -log p~[label], p~ the soft nucleus of softmax(logits / T) at P.
+
+    `official_log=True` takes -log(p~[label] + SOFT_TOP_P_EPS) as the official AutoDeco code does (it saturates
+    at ~20.7 nats); the default is the exact log. Issue 12.
 
     logits [..., V], temperature [...], top_p [...], labels [...] (IGNORE_INDEX = not supervised). `alpha`
     is the steepness of the soft cut. Gradients reach T and P. `chunk_size` = rows per chunk (default:
@@ -429,4 +433,6 @@ def soft_top_p_loss(
     nll, weight = _SoftTopPNLL.apply(
         base, rows, row_labels, t, p, alpha_value, _rows_per_chunk(chunk_size, logits.shape[-1])
     )
+    if official_log:  # -log(p~ + eps) from -log p~; autograd scales the kernel's gradient by p~ / (p~ + eps)
+        nll = -torch.log(torch.exp(-nll) + SOFT_TOP_P_EPS)
     return ((weight if dft else 1.0) * nll).sum() / nll.numel()

@@ -52,6 +52,7 @@ def _soft_top_p_loss_reference(
     *,
     alpha: float = 30.0,
     dft: bool = True,
+    official_log: bool = False,
 ) -> torch.Tensor:
     cdt = _compute_dtype(logits, temperature, top_p)
     z = logits.detach().to(cdt)  # [..., V]
@@ -66,6 +67,8 @@ def _soft_top_p_loss_reference(
     log_mask = torch.empty_like(log_mask_sorted).scatter(-1, order, log_mask_sorted)  # vocabulary order
     log_mass = torch.log((p * log_mask.exp()).sum(dim=-1) + SOFT_TOP_P_EPS)  # [...]
     log_p_tilde = (log_p + log_mask).gather(-1, target).squeeze(-1) - log_mass
+    if official_log:  # the official code's log(p~ + 1e-9)
+        log_p_tilde = torch.log(log_p_tilde.exp() + SOFT_TOP_P_EPS)
     weight = torch.softmax(z, dim=-1).gather(-1, target).squeeze(-1) if dft else torch.ones_like(log_mass)
     if not bool(supervised.any()):
         return (temperature.sum() + top_p.sum()) * 0.0

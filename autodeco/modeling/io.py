@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import cached_file
 
 from autodeco.atomic import atomic_write, write_text_atomic
+from autodeco import official
 from autodeco.config import AutoDecoConfig
 
 __all__ = [
@@ -244,6 +245,8 @@ class AutoDecoIOMixin:
         path = str(pretrained_model_name_or_path)
         kwargs.pop("_from_auto", None)
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        # Popped here so that it reaches no base/super from_pretrained (the merged route would raise TypeError).
+        base_override = kwargs.pop("base_model_name_or_path", None)
         check_model_source(
             path,
             "AutoDeco model directory",
@@ -251,6 +254,17 @@ class AutoDecoIOMixin:
             "AutoDecoModelForCausalLM.from_base(...).save_pretrained(DIR).",
             directory=True,
         )
+        if config is None or getattr(config, "base_config", None) is None:
+            # The official checkpoints' layouts (autodeco/official.py). AutoModelForCausalLM passes a config parsed
+            # from their flat config.json (no base_config, which ours always have): look again.
+            layout = official.detect_layout(path, hub_kwargs)
+            if layout is not None:
+                return official.load_official(
+                    # AutoModelForCausalLM puts a base_model_name_or_path= override into the config it parsed.
+                    cls, path, layout, model_args=model_args,
+                    base_model_name_or_path=base_override or getattr(config, "base_model_name_or_path", None),
+                    hub_kwargs=hub_kwargs, **kwargs,
+                )
         if config is None:
             config = AutoConfig.from_pretrained(path, **hub_kwargs)
         if not isinstance(config, AutoDecoConfig):
@@ -263,6 +277,8 @@ class AutoDecoIOMixin:
             return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
 
         if any(resolve(name) for name in MERGED_WEIGHTS_NAMES):
+            if base_override:  # merged: the base weights are in the directory; the override is what split records
+                config.base_model_name_or_path = str(base_override)
             model = super().from_pretrained(path, *model_args, config=config, **hub_kwargs, **kwargs)
             model._check_merged_heads_loaded(path)
             return model
@@ -273,7 +289,7 @@ class AutoDecoIOMixin:
                 f"'{path}' has config.json but neither {HEADS_WEIGHTS_NAME} (heads-only layout) nor "
                 f"{MERGED_WEIGHTS_NAMES[0]} (merged layout). Was the save interrupted? Re-save the model."
             )
-        base_name = kwargs.pop("base_model_name_or_path", None) or config.base_model_name_or_path
+        base_name = base_override or config.base_model_name_or_path
         if not base_name:
             raise ValueError(f"'{path}/config.json' records no base_model_name_or_path; pass base_model_name_or_path=.")
         check_model_source(base_name, f"The base model recorded in '{path}/config.json' path")

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from autodeco import official
 from autodeco.config import AutoDecoConfig
 from autodeco.features import distribution_stats, scale_logits
 from autodeco.heads import TemperatureHead, TopPHead
@@ -156,7 +157,11 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
         temperature = self.temperature_head(hidden)
         stats = scaled = None
         keep_scaled = keep_scaled and logits.shape[1] == 1 and logits.shape[0] <= STATS_CHUNK_ROWS
-        if self.config.top_p_features and keep_scaled:
+        if self.config.top_p_features and self.config.feature_arithmetic == "official":
+            # Heads trained by the official code see its features, at inference and in training (issue 12).
+            with torch.no_grad():
+                stats = official.official_stats_chunked(logits, temperature.detach())
+        elif self.config.top_p_features and keep_scaled:
             with torch.no_grad():
                 # One position per sequence, exactly the scaled logits the nucleus will filter: keep them.
                 flat_scaled = scale_logits(logits[:, 0], temperature.detach()[:, 0])
@@ -272,7 +277,8 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
             )
         if self.config.train_top_p:
             p_loss = soft_top_p_loss(
-                shift_logits, shift_t, shift_p, shift_labels, alpha=self.config.soft_top_p_alpha, dft=self.config.dft
+                shift_logits, shift_t, shift_p, shift_labels, alpha=self.config.soft_top_p_alpha, dft=self.config.dft,
+                official_log=self.config.soft_top_p_official_log,
             )
         enabled = [loss for loss in (t_loss, p_loss) if loss is not None]
         total = sum(enabled[1:], enabled[0]) if enabled else temperature.new_zeros(())
