@@ -170,7 +170,7 @@ def _load_jsonl(path: Path, kind: str | None, limit: int | None) -> Benchmark:
 
 def _load_hf(spec: str, kind: str | None, limit: int | None) -> Benchmark:
     try:
-        import datasets
+        import datasets  # optional dependency (Hugging Face dataset specs only): imported lazily
     except ImportError:
         raise ImportError(
             f"{spec!r} is not a file, so it was taken as a Hugging Face dataset, which needs the 'datasets' "

@@ -129,7 +129,7 @@ def build_training_data(
             requests = [GenerationRequest(prompt, n, call_seed, group=first_key if pack_samples else None)
                         for _, _, _, prompt, _ in call]
             outputs = generate_completions(model, tokenizer, requests, generation_kwargs=kwargs,
-                                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
             for (b, index, problem, prompt, key), samples in zip(call, outputs):
                 texts = [c.text for c in samples]
                 record = {"key": key, "benchmark": b.name, "problem_id": problem.id, "prompt": prompt,
