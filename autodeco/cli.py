@@ -18,12 +18,17 @@ reported in one line naming the problem, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from autodeco.modeling.io import DTYPES, load_tokenizer, resolve_dtype  # noqa: F401  (re-exported for the old callers)
 from autodeco.modeling.io import copy_tokenizer as _copy_tokenizer
+# TEMPORARY (eval branch, for the integrator): make this module a package so that autodeco/cli/args.py, eval.py
+# and control.py import as autodeco.cli.<name> while cli.py still exists. The train branch replaces cli.py by
+# autodeco/cli/__init__.py; drop this line then.
+__path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli")]
 
 
 def _positive_int(text: str) -> int:
@@ -165,14 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-output-dir", help="also save the base model here and record it as the base")
     p.set_defaults(func=cmd_split)
 
-    from autodeco.evaluation.control_eval import add_eval_control_parser
-    from autodeco.evaluation.eval_cli import add_data_parser, add_eval_parser
+    # TEMPORARY wiring (eval branch): cli/__init__.py's build_parser calls these register() functions after the merge.
+    from autodeco.cli import control as control_commands
+    from autodeco.cli import eval as eval_commands
     from autodeco.train_cli import add_train_parser
 
     add_train_parser(sub)
-    add_data_parser(sub)
-    add_eval_parser(sub)
-    add_eval_control_parser(sub)
+    eval_commands.register(sub)  # data, eval
+    control_commands.register(sub)  # eval-control
 
     from autodeco.demo.pipeline import add_demo_parser
 

@@ -475,13 +475,13 @@ def test_changed_problem_under_the_same_id_is_regenerated(heads, tmp_path):
 @xfail("evaluation scoring.extract_choice_answer: a letter inside \\boxed{} is compared case-insensitively")
 @pytest.mark.parametrize("completion", ["so \\boxed{d}", "\\boxed{(d)}", "\\boxed{ d }"])
 def test_boxed_lowercase_letter_is_that_choice(completion):
-    from autodeco.evaluation import scoring
+    from autodeco import evaluation as scoring
 
     assert scoring.score_choice(completion, "D") is True
 
 
 def test_boxed_uppercase_letter_is_scored():
-    from autodeco.evaluation import scoring
+    from autodeco import evaluation as scoring
 
     assert scoring.score_choice("\\boxed{D}", "D") is True
     assert scoring.score_choice("\\boxed{C}", "D") is False
@@ -490,7 +490,7 @@ def test_boxed_uppercase_letter_is_scored():
 @xfail("evaluation scoring.score_math / score_math_many: a non-string gold raises ValueError (like score_exact)")
 @pytest.mark.parametrize("gold", [5, 5.0, None])
 def test_score_math_with_a_non_string_gold_is_an_error(gold):
-    from autodeco.evaluation import scoring
+    from autodeco import evaluation as scoring
 
     with pytest.raises((TypeError, ValueError), match="gold"):
         scoring.score_math("\\boxed{5}", gold)
@@ -499,7 +499,7 @@ def test_score_math_with_a_non_string_gold_is_an_error(gold):
 @xfail("evaluation scoring.score_choice: a non-string or non-letter gold raises ValueError instead of False")
 @pytest.mark.parametrize("gold", [3, "DD", ""])
 def test_score_choice_with_an_unusable_gold_is_an_error(gold):
-    from autodeco.evaluation import scoring
+    from autodeco import evaluation as scoring
 
     with pytest.raises((TypeError, ValueError), match="gold"):
         scoring.score_choice("\\boxed{D}", gold)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from autodeco.evaluation import scoring
+from autodeco.evaluation import answers, verify
 from autodeco.evaluation.benchmarks import (
     DEFAULT_CHOICE_INSTRUCTION,
     DEFAULT_MATH_INSTRUCTION,
@@ -19,7 +19,7 @@ from autodeco.evaluation.benchmarks import (
     score,
     score_many,
 )
-from autodeco.evaluation.scoring import score_math_many
+from autodeco.evaluation.verify import score_math_many
 from autodeco.testing import build_char_tokenizer
 
 SHARED_BENCHMARKS = Path(__file__).parents[2] / "shared" / "benchmarks"
@@ -185,8 +185,8 @@ def test_real_math_benchmarks_load_and_every_gt_verifies(name):
     assert score_math_many([(f"... \\boxed{{{_wrong(gt)}}}", gt) for gt in gts]) == [False] * len(gts)
     # The gold itself must be understood by math-verify (not only string-equal to itself), or an
     # equivalent answer in another form could never be scored correct.
-    golds = [scoring.normalize_math_answer(gt) for gt in gts]
-    assert scoring._POOL.run([(gold, gold) for gold in golds], 10.0) == [True] * len(gts)
+    golds = [answers.normalize_math_answer(gt) for gt in gts]
+    assert verify._POOL.run([(gold, gold) for gold in golds], 10.0) == [True] * len(gts)
 
 
 @pytest.mark.parametrize("name", CHOICE_FILES)
@@ -214,7 +214,7 @@ def test_exact_kind_scores_the_last_box_character_for_character(tmp_path):
     assert not score(problem, "\\boxed{58}")
     assert not score(problem, "\\boxed{23+35+1}")  # the whole box must match, not contain the answer
     assert not score(problem, "23 + 35 = 58")  # no box, no answer
-    assert scoring.extract_answer("\\boxed{ 23+ 35 }", "exact") == "23+35"
+    assert answers.extract_answer("\\boxed{ 23+ 35 }", "exact") == "23+35"
 
 
 def test_row_kinds_must_agree(tmp_path):

@@ -1,4 +1,4 @@
-"""Instruction-based decoding control (autodeco/control.py, autodeco/evaluation/control_eval.py): command insertion,
+"""Instruction-based decoding control (autodeco/control.py, evaluation/control.py, cli/control.py): command insertion,
 the margin loss, paired batches, training with control on a tiny llama (CPU), eval-control end to end, and that
 control off trains exactly as before.
 
@@ -31,8 +31,9 @@ from autodeco.config import IGNORE_INDEX
 from autodeco.data import AutoDecoDataset, ControlDataset, DataCollatorForCompletion, DataCollatorWithControl
 from autodeco.losses import completion_means, control_margin_loss
 from autodeco.evaluation.benchmarks import Problem, build_prompt
-from autodeco.evaluation.control_eval import add_eval_control_parser, evaluate_control
-from autodeco.evaluation.runner import GenerationRequest, generate_completions
+from autodeco.cli.control import add_eval_control_parser
+from autodeco.evaluation.control import evaluate_control
+from autodeco.evaluation.generation import GenerationRequest, generate_completions
 from autodeco.testing import build_char_tokenizer, build_tiny_model, save_tiny_base
 from autodeco.train_cli import add_train_parser, cmd_train
 from autodeco.trainer import (

@@ -14,12 +14,13 @@ from transformers import AutoTokenizer
 
 from autodeco import AutoDecoModelForCausalLM
 from autodeco.data import load_examples
-from autodeco.evaluation import runner
+from autodeco.evaluation import data_builder
 from autodeco.evaluation.benchmarks import build_prompt, load_benchmark
 from autodeco.evaluation.data_builder import build_training_data
-from autodeco.evaluation.eval_cli import main as cli_main
+from autodeco.cli import main as cli_main
 from autodeco.evaluation.methods import static_method
-from autodeco.evaluation.runner import Completion
+from autodeco.evaluation.generation import Completion
+from autodeco.evaluation.records import sampling_seed
 from autodeco.testing import EOS_ID, save_tiny_base
 
 
@@ -77,8 +78,8 @@ def exact_scorer(problem, completions):
 def test_keeps_only_verified_finished_distinct_solutions_capped(tiny, problems, tmp_path, monkeypatch, capsys):
     _, model, tokenizer = tiny
     stub = Stub(tokenizer)
-    monkeypatch.setattr(runner, "generate_completions", stub)
-    monkeypatch.setattr(runner, "score_completions", exact_scorer)
+    monkeypatch.setattr(data_builder, "generate_completions", stub)
+    monkeypatch.setattr(data_builder, "score_completions", exact_scorer)
     out = tmp_path / "train.jsonl"
     stats = build_training_data(model, tokenizer, [problems], 6, output=out, max_per_problem=2, progress=False)
 
@@ -128,10 +129,10 @@ SPEC = static_method(1.0, 1.0).spec  # the data builder samples the base distrib
 
 def test_packed_sampling_same_rows_fewer_calls_and_resumes(tiny, problems, tmp_path, monkeypatch):
     _, model, tokenizer = tiny
-    monkeypatch.setattr(runner, "score_completions", exact_scorer)
+    monkeypatch.setattr(data_builder, "score_completions", exact_scorer)
     kw = dict(max_per_problem=2, batch_size=12, progress=False, verbose=False)  # 12 // n=6: 2 problems per call
 
-    monkeypatch.setattr(runner, "generate_completions", Stub(tokenizer))
+    monkeypatch.setattr(data_builder, "generate_completions", Stub(tokenizer))
     build_training_data(model, tokenizer, [problems], 6, output=tmp_path / "plain.jsonl", **kw)
     expected = (tmp_path / "plain.jsonl").read_text()
 
@@ -142,25 +143,25 @@ def test_packed_sampling_same_rows_fewer_calls_and_resumes(tiny, problems, tmp_p
             return super().__call__(*args, **kwargs)
 
     out = tmp_path / "packed.jsonl"
-    monkeypatch.setattr(runner, "generate_completions", Dies(tokenizer))
+    monkeypatch.setattr(data_builder, "generate_completions", Dies(tokenizer))
     with pytest.raises(KeyboardInterrupt):
         build_training_data(model, tokenizer, [problems], 6, output=out, pack_samples=True, **kw)
     samples = [json.loads(line) for line in (tmp_path / "packed.jsonl.samples.jsonl").read_text().splitlines()]
-    seed = runner.sampling_seed(0, SPEC, "train_problems", "a", 0)
+    seed = sampling_seed(0, SPEC, "train_problems", "a", 0)
     assert [(s["problem_id"], s["sampling_seed"], s["packed_problems"]) for s in samples] == [("a", seed, 2),
                                                                                               ("b", seed, 2)]
 
     stub = Stub(tokenizer)
-    monkeypatch.setattr(runner, "generate_completions", stub)
+    monkeypatch.setattr(data_builder, "generate_completions", stub)
     stats = build_training_data(model, tokenizer, [problems], 6, output=out, pack_samples=True, **kw)
     (requests, _), = stub.calls  # only the pending problem is sampled on the rerun
     assert [re.search(r"ID=(\w+)", r.prompt).group(1) for r in requests] == ["c"]
-    assert requests[0].seed == runner.sampling_seed(0, SPEC, "train_problems", "c", 0)
+    assert requests[0].seed == sampling_seed(0, SPEC, "train_problems", "c", 0)
     assert out.read_text() == expected and stats["total"]["kept"] == 3  # the same rows as unpacked sampling
 
     # One call samples every pending problem, under one seed and group, when batch_size allows.
     stub = Stub(tokenizer)
-    monkeypatch.setattr(runner, "generate_completions", stub)
+    monkeypatch.setattr(data_builder, "generate_completions", stub)
     build_training_data(model, tokenizer, [problems], 6, output=tmp_path / "one.jsonl", pack_samples=True,
                         **{**kw, "batch_size": 18})
     (requests, _), = stub.calls

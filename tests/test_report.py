@@ -88,7 +88,10 @@ def test_write_reports_is_atomic_and_draws_plots(tmp_path):
 def test_rerender_from_results_json(tmp_path, capsys):
     report.write_reports(make_results(), tmp_path)
     (tmp_path / "results.md").unlink()
-    assert report.main([str(tmp_path)]) == 0
+    # The library part of the old `python -m autodeco.evaluation.report DIR` (its exit status 2 for a missing
+    # results.json is the CLI's mapping of this FileNotFoundError).
+    assert report.rerender_markdown(tmp_path) == tmp_path / "results.md"
     assert "| AutoDeco |" in (tmp_path / "results.md").read_text()
-    assert report.main([str(tmp_path / "nothing")]) == 2
-    assert "run `autodeco eval` first" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError) as error:
+        report.rerender_markdown(tmp_path / "nothing")
+    assert "run `autodeco eval` first" in str(error.value)

@@ -24,10 +24,11 @@ from transformers import AutoTokenizer
 from autodeco import AutoDecoModelForCausalLM
 from autodeco.evaluation import runner
 from autodeco.evaluation.benchmarks import load_benchmark
-from autodeco.evaluation.eval_cli import add_eval_parser, main as eval_main
+from autodeco.cli import main as eval_main
+from autodeco.cli.eval import add_eval_parser
 from autodeco.evaluation.methods import ORACLE_TEMPERATURES, parse_methods, static_method
 from autodeco.evaluation.runner import Completion, RecordStore, run_evaluation, sampling_seed
-from autodeco.evaluation.scoring import extract_answer
+from autodeco.evaluation.answers import extract_answer
 from autodeco.testing import EOS_ID, save_tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -434,13 +435,13 @@ def test_two_processes_give_the_single_process_results(tiny, b1, b2, tmp_path):
              "--no-progress", "--no-plots"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     env.pop("ACCELERATE_USE_CPU", None)
-    single = subprocess.run([sys.executable, "-m", "autodeco.evaluation.eval_cli", *map(str, flags), "--output-dir",
+    single = subprocess.run([sys.executable, "-m", "autodeco.cli", *map(str, flags), "--output-dir",
                              str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     for _ in range(3):  # the port may be taken between _free_port() and the bind
         two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                               str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
-                              "--main_process_port", str(_free_port()), "-m", "autodeco.evaluation.eval_cli",
+                              "--main_process_port", str(_free_port()), "-m", "autodeco.cli",
                               *map(str, flags), "--output-dir", str(tmp_path / "two")],
                              env=env, capture_output=True, text=True, timeout=300)
         if two.returncode == 0 or "address already in use" not in two.stderr.lower():
@@ -508,7 +509,7 @@ def test_cli_eval_and_diagnose_on_the_tiny_model(tiny, b1, tmp_path, capsys):
 def test_every_flag_has_help(capsys):
     import argparse
 
-    from autodeco.evaluation.eval_cli import add_data_parser
+    from autodeco.cli.eval import add_data_parser
 
     parser = argparse.ArgumentParser(prog="autodeco")
     subparsers = parser.add_subparsers(dest="command")

@@ -1,4 +1,4 @@
-"""Tests of autodeco.evaluation.scoring: math answers (math-verify in worker processes), letters, pass@k, maj@k."""
+"""Tests of autodeco.evaluation.answers, .verify and .metrics: math answers (math-verify in worker processes), letters, pass@k, maj@k."""
 
 from __future__ import annotations
 
@@ -10,16 +10,10 @@ from fractions import Fraction
 
 import pytest
 
-from autodeco.evaluation import scoring
-from autodeco.evaluation.scoring import (
-    extract_answer,
-    majority_correct,
-    normalize_math_answer,
-    pass_at_k,
-    score_choice,
-    score_math,
-    score_math_many,
-)
+from autodeco.evaluation import answers, verify
+from autodeco.evaluation.answers import extract_answer, normalize_math_answer, score_choice
+from autodeco.evaluation.metrics import majority_correct, pass_at_k
+from autodeco.evaluation.verify import score_math, score_math_many
 
 # (completion, gold, expected)
 MATH_CASES = [
@@ -116,12 +110,12 @@ def test_pathological_expression_returns_within_the_timeout():
 def test_hard_timeout_kills_a_stuck_worker_and_the_pool_recovers():
     # With math-verify's own signal timeouts disabled, 9^(9^10) is one long C-level computation: only
     # the parent's deadline can stop it, by killing the worker.
-    scoring._POOL.run([("1", "1")], 5.0)
+    verify._POOL.run([("1", "1")], 5.0)
     start = time.monotonic()
-    verdicts = scoring._POOL.run([("5", "9^{9^{10}}"), ("1/2", "0.5")], 1.5, inner_timeout=0)
+    verdicts = verify._POOL.run([("5", "9^{9^{10}}"), ("1/2", "0.5")], 1.5, inner_timeout=0)
     assert verdicts == [None, True]
     assert time.monotonic() - start < 20
-    assert scoring._POOL.run([("3", "3.0")], 5.0) == [True]
+    assert verify._POOL.run([("3", "3.0")], 5.0) == [True]
 
 
 def test_score_math_from_threads():
@@ -146,7 +140,7 @@ def test_worker_start_failure_is_a_clear_error(tmp_path, monkeypatch):
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('simulated missing math-verify')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    pool = scoring._MathVerifyPool(size=1)
+    pool = verify._MathVerifyPool(size=1)
     try:
         with pytest.raises(RuntimeError, match="simulated missing math-verify"):
             pool.run([("1", "1")], 5.0)
@@ -279,7 +273,7 @@ def test_timeouts_are_not_cached():
     # A timeout may be machine load rather than the expression, so it must not stick in the cache.
     completion, gold = "\\boxed{9^{9^{9^{9}}}}", "7"
     assert score_math(completion, gold, timeout=2) is False
-    key = (normalize_math_answer(gold), normalize_math_answer(scoring.extract_math_answer(completion)))
-    assert key not in scoring._CACHE
+    key = (normalize_math_answer(gold), normalize_math_answer(answers.extract_math_answer(completion)))
+    assert key not in verify._CACHE
     assert score_math("\\boxed{0.25}", "\\frac14") is True
-    assert scoring._CACHE[("\\frac{1}{4}", "0.25")] is True
+    assert verify._CACHE[("\\frac{1}{4}", "0.25")] is True

@@ -333,7 +333,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, quick: bool = False, retra
 
     # 7. control evaluation
     step(f"decoding control on {settings.control_prompts} held-out test prompts (seen and held-out phrasings)")
-    from autodeco.evaluation.control_eval import evaluate_control
+    from autodeco.evaluation.control import evaluate_control
 
     control = evaluate_control(control_model, tokenizer, [p.problem for p in test_problems],
                                output_dir=output_dir / "control", n=settings.control_prompts, seed=settings.seed,
@@ -371,7 +371,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, quick: bool = False, retra
 def _control_lines(control: dict, subdir: str) -> list[str]:
     """eval-control's results.md nested under a report section: its title dropped, headings one level down,
     image links relative to the report."""
-    from autodeco.evaluation.control_eval import control_markdown
+    from autodeco.evaluation.control import control_markdown
 
     lines = []
     for line in control_markdown(control).splitlines():

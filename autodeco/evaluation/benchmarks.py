@@ -5,19 +5,11 @@
     >>> prompt = build_prompt(bench.problems[0], tokenizer)                # chat template when it has one
     >>> score(bench.problems[0], completion)                               # math-verify / letter match
 
-A benchmark is a JSONL file, one problem per line: ``{"problem": str, "gt": str, "id": optional}``
-(``gt`` may be a JSON number; it becomes a string). Its name is the file stem; ids default to
-``"<name>-<line>"``. The kind is inferred unless given: every ``gt`` a single letter A-J → "choice"
-(GPQA, MMLU-Pro), otherwise "math" (AIME, HMMT, BRUMO, BeyondAIME). Kind "exact" (the last \\boxed{}
-must equal ``gt`` character for character, whitespace aside; the demo's tasks) is never inferred: pass it,
-or give the lines a ``"kind": "exact"`` field. Malformed files fail with the file
-name, the 1-based line and what is wrong (a file in another schema, like IFEval's ``prompt`` /
-``instruction_id_list``, is rejected rather than scored as nonsense).
-
-A spec that is not a path is taken as a Hugging Face dataset (``datasets`` must be installed):
-``"org/name"``, ``"org/name:split"`` or ``"org/name:config:split"`` (split default "test"), with the
-problem, answer and id read from the first present of the usual column names (problem/question/prompt,
-gt/answer/final_answer, id/problem_id).
+A benchmark is a JSONL file, one problem per line: ``{"problem": str, "gt": str, "id": optional}``; its name is
+the file stem. The kind is inferred ("choice" when every gt is a letter A-J, else "math"); "exact" must be
+given. Malformed files fail with the file name, the 1-based line and what is wrong. A spec that is not a path
+is a Hugging Face dataset, ``"org/name[:config][:split]"`` (needs ``datasets``). More: docs/benchmarks.md and
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -27,7 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autodeco.evaluation.scoring import CHOICE_LETTERS, score_choice, score_exact, score_math, score_math_many
+from autodeco.evaluation.answers import CHOICE_LETTERS, score_choice, score_exact
+from autodeco.evaluation.verify import score_math, score_math_many
 
 __all__ = [
     "Problem",
@@ -39,6 +32,7 @@ __all__ = [
     "build_prompt",
     "score",
     "score_many",
+    "score_completions",
 ]
 
 KINDS = ("math", "choice", "exact")
@@ -176,7 +170,7 @@ def _load_jsonl(path: Path, kind: str | None, limit: int | None) -> Benchmark:
 
 def _load_hf(spec: str, kind: str | None, limit: int | None) -> Benchmark:
     try:
-        import datasets
+        import datasets  # optional dependency (Hugging Face dataset specs only): imported lazily
     except ImportError:
         raise ImportError(
             f"{spec!r} is not a file, so it was taken as a Hugging Face dataset, which needs the 'datasets' "
@@ -294,3 +288,9 @@ def score_many(problems: list[Problem], completions: list[str]) -> list[bool]:
     for index, verdict in zip(math_indices, verdicts):
         results[index] = verdict
     return results
+
+
+def score_completions(problem: Problem, completions: list[str]) -> list[bool]:
+    """Whether each completion answers `problem` (score_many: math answers verified in one batch, deduplicated and
+    cached)."""
+    return [bool(v) for v in score_many([problem] * len(completions), list(completions))]

@@ -1,46 +1,37 @@
 """Training data for the heads by rejection sampling, as in the AutoDeco paper: sample solutions from the base
 model, keep the verified-correct ones.
 
-    from autodeco.evaluation.data_builder import build_training_data
+    from autodeco.evaluation import build_training_data
     stats = build_training_data(model, tokenizer, ["train_problems.jsonl"], n=8, output="train.jsonl",
                                 max_per_problem=4)
 
-CLI: `autodeco data --model DIR --problems FILE... --n 8 --output train.jsonl [--max-per-problem 4]`.
-
-For each problem (a benchmark-format JSONL row: `problem`, `gt`, optional `id`; see benchmarks.py) `n` solutions are
-sampled from the base distribution: static T=1, P=1, no top-k (the heads, if the model has any, are bypassed), with
-a per-problem seed derived from `seed`, so a rerun samples the same solutions. A solution is kept when
-  - it ended with EOS (a completion cut off at max_new_tokens would teach the model to stop mid-thought: the data
-    loader appends EOS to every completion),
-  - benchmarks.score verifies its final answer against `gt`,
-  - it is not a duplicate of a solution already kept for the problem (whitespace-normalised text),
-and at most `max_per_problem` are kept per problem (the first ones in sampling order).
-
-The output JSONL has one row per kept solution: `prompt` (the formatted prompt exactly as benchmarks.build_prompt
-makes it, chat template included, which autodeco.data uses as is), `completion` (the generated text, special tokens
-removed), plus `id` and `benchmark` for bookkeeping. It is written atomically. The samples themselves are appended
-to OUTPUT.samples.jsonl as each problem finishes, so a killed run resumes where it stopped, and a rerun with another
---max-per-problem only re-filters.
-
-Packed sampling (`pack_samples=True`, CLI `--pack-samples`; off by default; much faster for small models, where the
-per-call overhead of `generate` dominates): the pending problems (those without stored samples) of each file are
-sampled in calls of up to max(1, batch_size // n) consecutive problems, each call ONE `generate` over the left-padded
-prompts with `num_return_sequences=n`, seeded once from `seed` and the call's first problem id. The samples then
-depend on batch_size and on which problems were pending (deterministic given both); each record stores the call's
-`sampling_seed` and `packed_problems`. Stored samples are reused whichever mode made them (the key does not include
-the mode: both sample the same distribution), so a killed packed run resumes with the problems it had not finished.
+CLI: `autodeco data --model DIR --problems FILE... --n 8 --output train.jsonl [--max-per-problem 4]`. Solutions
+are sampled at static T=1, P=1, top_k=0 (heads bypassed) with a per-problem seed; a solution is kept when it
+ended with EOS, verifies against `gt`, and is not a duplicate (whitespace aside); at most `max_per_problem` per
+problem. Output rows: prompt (as benchmarks.build_prompt writes it), completion, id, benchmark; the samples stay
+in OUTPUT.samples.jsonl, so a rerun resumes or only re-filters. Packed sampling and the details:
+docs/evaluation.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Sequence
 
-from autodeco.evaluation.benchmarks import Benchmark, build_prompt, load_benchmark
+from tqdm.auto import tqdm
+
+from autodeco.atomic import write_text_atomic
+from autodeco.evaluation.benchmarks import Benchmark, build_prompt, load_benchmark, score_completions
+from autodeco.evaluation.generation import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationRequest,
+    generate_completions,
+)
 from autodeco.evaluation.methods import static_method
+from autodeco.evaluation.records import RecordStore, data_settings_hash, sample_key, sampling_seed
 
 __all__ = ["build_training_data", "dedup_key"]
 
@@ -81,11 +72,9 @@ def build_training_data(
     counts per benchmark: problems, samples, finished (ended with EOS), correct, usable (correct and finished),
     distinct (usable, deduplicated), kept (after the cap), problems_with_data (>= 1 kept).
 
-    pack_samples: sample up to max(1, batch_size // n) problems per `generate` call (see the module docstring)."""
-    from autodeco.evaluation import report, runner
-
-    max_new_tokens = runner.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-    batch_size = runner.DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    pack_samples: sample up to max(1, batch_size // n) problems per `generate` call (see docs/evaluation.md)."""
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     _check_positive("n", n)
     _check_positive("max_per_problem", max_per_problem, allow_none=True)
     _check_positive("max_new_tokens", max_new_tokens)
@@ -107,10 +96,10 @@ def build_training_data(
     # Sampling from the base distribution: explicit T, P and top_k=0, so neither AutoDeco's heads nor a plain base's
     # own generation defaults (top_k=50, T=0.7, ...) change it.
     kwargs = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
-    settings = runner._sha({"data": 1, "spec": method.spec, "n": n, "max_new_tokens": max_new_tokens,
-                            "template": template, "seed": seed, "model": runner.model_fingerprint(model)})[:16]
+    settings = data_settings_hash(model, method_spec=method.spec, n=n, max_new_tokens=max_new_tokens,
+                                  template=template, seed=seed)
     output.parent.mkdir(parents=True, exist_ok=True)
-    store = runner.RecordStore(output.parent, name=output.name + ".samples.jsonl")
+    store = RecordStore(output.parent, name=output.name + ".samples.jsonl")
     done = store.read(keep_completions=True)
     model.eval()
 
@@ -118,7 +107,7 @@ def build_training_data(
     for b in benchmarks:
         for index, problem in enumerate(b.problems):
             prompt = build_prompt(problem, tokenizer, template)
-            key = runner._sha([settings, b.name, problem.id, hashlib.sha256(prompt.encode()).hexdigest()])[:32]
+            key = sample_key(settings, b.name, problem, prompt)
             jobs.append((b, index, problem, prompt, key))
     pending = [job for job in jobs if job[4] not in done]
     # Calls: one problem each, or (packed) up to max(1, batch_size // n) consecutive pending problems of one file.
@@ -131,22 +120,20 @@ def build_training_data(
             calls.append([job])
     bar = None
     if progress and pending:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(pending), desc="sampling solutions", unit="problem", dynamic_ncols=True)
     store.open()
     try:
         for call in calls:
             b, _, first, _, first_key = call[0]
-            call_seed = runner.sampling_seed(seed, method.spec, b.name, first.id, 0)
-            requests = [runner.GenerationRequest(prompt, n, call_seed, group=first_key if pack_samples else None)
+            call_seed = sampling_seed(seed, method.spec, b.name, first.id, 0)
+            requests = [GenerationRequest(prompt, n, call_seed, group=first_key if pack_samples else None)
                         for _, _, _, prompt, _ in call]
-            outputs = runner.generate_completions(model, tokenizer, requests, generation_kwargs=kwargs,
-                                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+            outputs = generate_completions(model, tokenizer, requests, generation_kwargs=kwargs,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
             for (b, index, problem, prompt, key), samples in zip(call, outputs):
                 texts = [c.text for c in samples]
                 record = {"key": key, "benchmark": b.name, "problem_id": problem.id, "prompt": prompt,
-                          "completions": texts, "correct": runner.score_completions(problem, texts),
+                          "completions": texts, "correct": score_completions(problem, texts),
                           "finished": [c.finished for c in samples], "tokens": [c.num_tokens for c in samples]}
                 if pack_samples:
                     record["sampling_seed"] = call_seed
@@ -186,7 +173,7 @@ def build_training_data(
         s["kept"] += kept
         s["problems_with_data"] += kept > 0
     total = {k: sum(s[k] for s in stats.values()) for k in next(iter(stats.values()))}
-    report.write_text_atomic(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text_atomic(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     result = {"output": str(output), "samples_file": str(store.main), "benchmarks": stats, "total": total,
               "n": n, "max_per_problem": max_per_problem, "temperature": temperature, "top_p": top_p}
     if verbose:

@@ -1,41 +1,16 @@
 """Teacher-forced diagnostics of AutoDeco's heads on reference completions: MeanShift values and the
 inverse-temperature gain decomposition.
 
-Everything here runs the model over a JSONL of `{"prompt", "completion"}` (or chat) rows, read with
-`autodeco.data.load_examples`, and looks at the supervised tokens only (the completion), in batches:
-
-    >>> from autodeco.evaluation.diagnostics import meanshift_from_calibration, decompose
+    >>> from autodeco.evaluation import decompose
+    >>> from autodeco.evaluation.diagnostics import meanshift_from_calibration
     >>> t, p = meanshift_from_calibration(model, tokenizer, "calib.jsonl")   # MeanShift's static T, P
-    >>> report = decompose(model, tokenizer, "calib.jsonl", batch_size=8)
-    >>> print(report["summary"])
+    >>> print(decompose(model, tokenizer, "calib.jsonl", batch_size=8)["summary"])
 
-The decomposition asks how much the heads' per-token temperatures improve the likelihood of the reference
-tokens over one constant temperature, and why. With z the raw logits of a token, y its label, beta = 1/T
-the head's inverse temperature, beta_bar the mean of beta over all supervised tokens and
-delta = beta - beta_bar:
-
-    exact gain_t   = log softmax(beta z)[y] - log softmax(beta_bar z)[y]
-    g_t            = z_y - E_p[z]        (d/d beta of log softmax(beta z)[y] at beta_bar)
-    v_t            = Var_p[z]            (minus the second derivative), p = softmax(beta_bar z)
-    approx gain_t  = g_t delta_t - v_t delta_t^2 / 2      (second-order Taylor expansion in delta)
-
-g > 0 means the reference token is sharper than average under p (cooling helps it), g < 0 that it is an
-unlikely token (heating helps). Summaries: the total exact and approximate gains (nats, summed over
-tokens); the alignment efficiency E[g delta] / sqrt(E[g^2] E[delta^2]), the cosine between where the
-heads move beta and where the first-order gain points (1: every unit of temperature variation is spent
-in the right direction; 0: uncorrelated, and by definition 0 when beta never varies or g is 0
-everywhere); and the curvature share, the fraction of tokens whose curvature cost v delta^2 / 2 exceeds
-their first-order gain |g delta| (the heads move those tokens' temperatures too far).
-
-The reference point is the constant inverse temperature beta_bar, i.e. static T = 1 / beta_bar (the
-harmonic mean of the heads' T). MeanShift decodes at the arithmetic mean T (and mean P); both are
-reported. Top-p plays no part in the decomposition: it measures the temperature head alone, at P = 1.
-
-Memory: the logits of a batch ([B, L, V], from the forward pass) are the only large tensor; per-token
-terms are computed on chunks of supervised rows and only [N]-sized results are kept (unless
-`return_logits=True`, meant for small data). `decompose` needs beta_bar before it can compute g and v,
-so it runs the model twice (first pass: T only); pass `beta_bar=` to `teacher_forced_predictions` to do
-a single pass around a known value.
+Rows are `{"prompt", "completion"}` (or chat) JSONL read with autodeco.data.load_examples; only supervised
+tokens count. With z the raw logits, y the label, beta = 1/T and delta = beta - mean(beta): exact gain =
+log softmax(beta z)[y] - log softmax(beta_bar z)[y], approx = g delta - v delta^2 / 2 with g = z_y - E_p[z],
+v = Var_p[z] under p = softmax(beta_bar z). Summaries: total gains, alignment efficiency, curvature share.
+CLI: `autodeco eval --diagnose FILE --model DIR`. The derivation and memory notes: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -46,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+# TODO(integrator): import IGNORE_INDEX from autodeco.config (its one definition) once core's layout is merged.
 from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion, load_examples
 from autodeco.sampling import MIN_TEMPERATURE
 
@@ -142,6 +118,9 @@ def _load(tokenizer, data_files, max_length: int) -> list[dict]:
 @torch.no_grad()
 def _run(model, tokenizer, examples: list[dict], batch_size: int, beta_bar: float | None, return_logits: bool) -> dict:
     """One teacher-forced pass over `examples`; see teacher_forced_predictions for the result."""
+    # TODO(integrator): one of the tree's teacher-forced loops (also generation.teacher_forced, used by control and
+    # the plots); this one keeps the collator's right-padded training batches and full [B, L, V] logits, so it was
+    # not folded into generation.teacher_forced. Use modeling.teacher_forced if the core layout offers one.
     collator = DataCollatorForCompletion(tokenizer)
     device = model.get_input_embeddings().weight.device
     temperatures, top_ps, labels_out, logits_out = [], [], [], []

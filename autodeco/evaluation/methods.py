@@ -1,29 +1,15 @@
 """Decoding methods compared in the evaluation, and the `generate` kwargs that realise each one.
 
-A method is written as a short spec string; `parse_methods` turns a comma/space separated list of them into
-`Method` objects and `generation_kwargs` gives the keyword arguments for `AutoDecoModelForCausalLM.generate`:
-
     >>> from autodeco.evaluation.methods import parse_methods, generation_kwargs
     >>> for method in parse_methods("greedy, static:0.6,0.95, autodeco, edt"):
     ...     out = model.generate(**inputs, **generation_kwargs(method), max_new_tokens=512)
 
-Specs (see VALID_METHODS):
-    greedy                      base greedy decoding (do_sample=False)
-    default                     plain sampling at T=1, P=1 (heads bypassed)
-    static:T,P                  static sampling at temperature T and top-p P (heads bypassed)
-    oracle                      the paper's "expert-guided" tuning on the test set: the runner searches T over
-                                ORACLE_TEMPERATURES at P=1, then P over ORACLE_TOP_PS at the best T, building
-                                each candidate with `static_method(t, p)`
-    meanshift                   static sampling at the mean T and mean P the heads predict (resolved by the
-                                runner, e.g. from `diagnostics.meanshift_from_calibration`)
-    autodeco                    AutoDeco's dynamic decoding: the heads' T and P at every token
-    autodeco-temperature-only   the heads' T, P = 1 (ablation)
-    autodeco-top-p-only         T = 1, the heads' P (ablation)
-    min_p:X                     min-p sampling (transformers' MinPLogitsWarper) at T=1
-    edt | edt:T0,N,THETA        entropy-based dynamic temperature (Zhang et al. 2024): per token
-                                T = T0 * N^(THETA / H), H the entropy of the next-token distribution
-
-`oracle` and `meanshift` need data to resolve into a static method, so `generation_kwargs` refuses them.
+Specs (VALID_METHODS): greedy; default (T=1, P=1, heads bypassed); static:T,P; oracle (the runner searches T over
+ORACLE_TEMPERATURES at P=1, then P over ORACLE_TOP_PS, on the test set); meanshift (static at the heads' mean T
+and P); autodeco (the heads' T and P at every token); autodeco-temperature-only / autodeco-top-p-only
+(ablations); min_p:X (min-p at T=1); edt | edt:T0,N,THETA (entropy-based dynamic temperature, Zhang et al.
+2024: T = T0 * N^(THETA / H)). `oracle` and `meanshift` must be resolved to a static method before
+`generation_kwargs`. More: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -332,6 +318,7 @@ class EDTLogitsProcessor(LogitsProcessor):
         scores = scores.to(torch.float32)
         log_p = torch.log_softmax(scores, dim=-1)  # [B, V]
         p = log_p.exp()
+        # TODO(integrator): use autodeco.features.entropy (one definition, one -inf guard) instead of this copy.
         # Tokens already filtered to -inf have p = 0: their p * log p is 0, not nan.
         entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)  # [B] nats
         entropy = entropy.clamp_min(EDT_ENTROPY_EPS)

@@ -1,25 +1,12 @@
 """Evaluation reports: results.json, results.md (the paper's Table 1 layout) and PNG plots.
 
-    from autodeco.evaluation.report import write_reports, results_markdown
+    from autodeco.evaluation import write_reports, results_markdown
     write_reports(results, "runs/eval", plot_data=...)     # what run_evaluation calls on rank 0
+    rerender_markdown("runs/eval")                           # rewrite results.md from results.json, no model
 
-Re-render the table of an existing run without the model:
-
-    python -m autodeco.evaluation.report runs/eval         # rewrites runs/eval/results.md from results.json
-
-results.md: one table per metric with methods as rows and the benchmarks plus their unweighted average ("Avg") as
-columns, in percent; pass@1 is "mean ± std" over seeds. The best value of each column is in bold (every method
-that ties at the shown precision). The oracle row is labelled "test-set oracle" (its per-benchmark T and P are in
-the notes: it is tuned on the evaluated problems), and the MeanShift row says where its T and P come from.
-
-Plots (matplotlib, Agg canvas, no display needed):
-- traces.png: the per-token T and P of an example AutoDeco completion;
-- temperature_vs_entropy.png: the heads' T at each generated token of a few example completions against the entropy
-  of the base distribution softmax(raw logits) there;
-- oracle_grid.png: the oracle search as a 2-row heatmap per benchmark (T at P=1; P at the best T), pass@1 in %.
-
-Every file is written to a temporary name in the same directory and renamed (os.replace): a reader never sees a
-half-written report.
+results.md: one table per metric, methods as rows, benchmarks plus their unweighted average as columns, in
+percent; the best value of each column in bold. Plots (matplotlib, Agg): traces.png (an example's per-token T
+and P), temperature_vs_entropy.png, oracle_grid.png. Every file is written atomically. More: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -27,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 from autodeco.atomic import atomic_write, write_json_atomic, write_text_atomic
@@ -40,6 +26,7 @@ __all__ = [
     "plot_traces",
     "plot_temperature_vs_entropy",
     "plot_oracle_grid",
+    "rerender_markdown",
 ]
 
 # Tokens shown as tick labels on the trace plot when the example is at most this long (beyond, labels overlap).
@@ -143,7 +130,7 @@ def results_markdown(results: dict) -> str:
 
 def _figure(width: float, height: float):
     # Figure + Agg canvas: no pyplot global state, no display backend, safe in worker processes and threads.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: imported lazily, only when a plot is drawn
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
@@ -254,7 +241,7 @@ def plot_oracle_grid(oracle: dict, path: str | os.PathLike) -> None:
 
 
 def _box(col: int, row: int):
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # lazily, with the other matplotlib imports
 
     return Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", lw=2)
 
@@ -286,21 +273,12 @@ def write_reports(results: dict, output_dir: str | os.PathLike, *, plot_data: di
     return written + [output_dir / "results.json", output_dir / "results.md"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m autodeco.evaluation.report DIR`: re-render DIR/results.md from DIR/results.json."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m autodeco.evaluation.report OUTPUT_DIR", file=sys.stderr)
-        return 2
-    path = Path(args[0]) / "results.json"
+def rerender_markdown(output_dir: str | os.PathLike) -> Path:
+    """Rewrite OUTPUT_DIR/results.md from OUTPUT_DIR/results.json (no model needed); returns the path written."""
+    path = Path(output_dir) / "results.json"
     if not path.is_file():
-        print(f"error: {path} does not exist; run `autodeco eval` first.", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{path} does not exist; run `autodeco eval` first.")
     results = json.loads(path.read_text(encoding="utf-8"))
-    write_text_atomic(Path(args[0]) / "results.md", results_markdown(results))
-    print(Path(args[0]) / "results.md")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    target = Path(output_dir) / "results.md"
+    write_text_atomic(target, results_markdown(results))
+    return target
