@@ -293,8 +293,7 @@ def test_model_path_that_is_a_jsonl_file(command, tmp_path, train_data, bench):
 
 
 @pytest.mark.parametrize("command", [
-    pytest.param("generate", marks=xfail("cli generate: the hub-offline OSError -> one line (from_pretrained's "
-                                         "hub resolution raises FileNotFoundError/ValueError naming the name)")),
+    "generate",
     pytest.param("train", marks=xfail("cli run_parsed: print a user error on ONE line (collapse the newlines of "
                                       "transformers' offline OSError text it quotes)")),
 ])
