@@ -7,7 +7,6 @@ and the command line (fresh heads, AutoDeco dir, --heads, bad data, --trainer-ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -21,12 +20,15 @@ from autodeco import AutoDecoModelForCausalLM
 from autodeco.data import AutoDecoDataset, DataCollatorForCompletion, DataError
 from autodeco.modeling import HEAD_MODULES, HEADS_WEIGHTS_NAME
 from autodeco.testing import build_char_tokenizer, build_tiny_model, save_tiny_base
-from autodeco.train_cli import add_train_parser, cmd_train, parse_trainer_args
-from autodeco.train_cli import main as train_main
-from autodeco.trainer import (
+from autodeco._pending_io import resolve_dtype  # integrator: autodeco.modeling after the merge
+from autodeco.cli import build_parser
+from autodeco.cli import main as train_main
+from autodeco.cli.train import cmd_train, parse_trainer_args
+from autodeco.training import (
     DEFAULT_TRAINING_ARGUMENTS,
     LOGGED_METRICS,
     AutoDecoTrainer,
+    AutoDecoTrainingArguments,
     build_training_arguments,
     head_state,
 )
@@ -340,9 +342,7 @@ def test_parse_trainer_args_types_values_like_hf_argument_parser():
 
 
 def train_parser():
-    parser = argparse.ArgumentParser(prog="autodeco")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def cli(*argv):
@@ -444,8 +444,6 @@ def test_cli_help_explains_every_flag(capsys):
 
 
 def test_base_dtype_auto_is_bf16_only_on_a_bf16_gpu(monkeypatch):
-    from autodeco.cli import resolve_dtype
-
     assert resolve_dtype("float16", on_gpu=True) is torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_dtype("auto", on_gpu=True) is torch.float32
