@@ -39,7 +39,7 @@ def main() -> None:
 
     from autodeco import AutoDecoModelForCausalLM
     from autodeco.data import AutoDecoDataset
-    from autodeco.trainer import AutoDecoTrainer, build_training_arguments, head_state, trainable_parameter_names
+    from autodeco.training import AutoDecoTrainer, build_training_arguments, head_state, trainable_parameter_names
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     dataset = AutoDecoDataset.from_jsonl(args.data, tokenizer, max_length=64)

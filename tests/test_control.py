@@ -35,8 +35,9 @@ from autodeco.cli.control import add_eval_control_parser
 from autodeco.evaluation.control import evaluate_control
 from autodeco.evaluation.generation import GenerationRequest, generate_completions
 from autodeco.testing import build_char_tokenizer, build_tiny_model, save_tiny_base
-from autodeco.train_cli import add_train_parser, cmd_train
-from autodeco.trainer import (
+from autodeco.cli import build_parser
+from autodeco.cli.train import cmd_train, parse_trainer_args
+from autodeco.training import (
     CONTROL_LOGGED_METRICS,
     AutoDecoTrainer,
     build_training_arguments,
@@ -351,8 +352,7 @@ def test_evaluate_control_end_to_end(tmp_path, tokenizer):
 def test_train_with_control_then_eval_control_cli(tmp_path, tokenizer, capsys):
     base = save_tiny_base(tmp_path / "base")
     data = write_rows(tmp_path / "train.jsonl", tokenizer, n=8)
-    parser = argparse.ArgumentParser(prog="autodeco")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     heads = tmp_path / "heads"
     args = parser.parse_args(["train", "--model", str(base), "--data", str(data), "--output-dir", str(heads),
                               "--max-steps", "2", "--per-device-train-batch-size", "4", "--learning-rate", "1e-2",
@@ -403,7 +403,5 @@ def test_eval_control_help_explains_every_flag(capsys):
 def test_parse_trainer_args_gives_the_same_result_when_called_twice():
     # HfArgumentParser rewrites TrainingArguments' field types in place; a second call (as after this file's
     # cmd_train) used to parse report_to=a,b as the string "a,b".
-    from autodeco.train_cli import parse_trainer_args
-
     first = parse_trainer_args([("report_to", "tensorboard,wandb")])
     assert parse_trainer_args([("report_to", "tensorboard,wandb")]) == first == {"report_to": ["tensorboard", "wandb"]}

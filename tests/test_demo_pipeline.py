@@ -84,7 +84,7 @@ def test_demo_flags_are_checked(tmp_path):
 
 
 def test_control_verdict_needs_both_consistencies_and_the_size_of_the_change():
-    from autodeco.demo.pipeline import _control_verdicts
+    from autodeco.demo.report import control_verdicts
 
     def cell(delta, consistency):
         return {"delta_temperature": delta, "consistency_temperature": consistency, "delta_top_p": 0.0,
@@ -92,7 +92,7 @@ def test_control_verdict_needs_both_consistencies_and_the_size_of_the_change():
 
     def verdict(low, high):
         held_out = {"low": cell(0.0, 0.0), "high": cell(0.0, 0.0)}
-        lines = _control_verdicts({"seen": {"low": cell(*low), "high": cell(*high)}, "held_out": held_out})
+        lines = control_verdicts({"seen": {"low": cell(*low), "high": cell(*high)}, "held_out": held_out})
         assert len(lines) == 2 and "met" not in lines[1] and "missed" not in lines[1]  # held out: reported only
         return lines[0].rsplit(": ", 1)[1]
 

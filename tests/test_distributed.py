@@ -144,10 +144,10 @@ def test_cli_under_accelerate_ddp(setup):
     two, one = root / "cli-ddp", root / "cli-single"
     proc = _run(lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                               CONFIGS / "accelerate" / "ddp.yaml", "--num_processes", 2, "--main_process_port", port,
-                              "-m", "autodeco.train_cli", *flags, "--output-dir", two])
+                              "-m", "autodeco.cli", *flags, "--output-dir", two])
     assert proc.stdout.count("Trained the") == 1 and proc.stdout.count("Data: ") == 1, proc.stdout
     assert (two / "checkpoint-2" / "autodeco_heads.safetensors").is_file()
-    _run([sys.executable, "-m", "autodeco.train_cli", *flags[:flags.index("--per-device-train-batch-size") + 1], 4,
+    _run([sys.executable, "-m", "autodeco.cli", *flags[:flags.index("--per-device-train-batch-size") + 1], 4,
           *flags[flags.index("--per-device-train-batch-size") + 2:], "--output-dir", one])
     a, b = load_file(str(two / "autodeco_heads.safetensors")), load_file(str(one / "autodeco_heads.safetensors"))
     for key in a:

@@ -7,7 +7,6 @@ and the command line (fresh heads, AutoDeco dir, --heads, bad data, --trainer-ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -21,12 +20,15 @@ from autodeco import AutoDecoModelForCausalLM
 from autodeco.data import AutoDecoDataset, DataCollatorForCompletion, DataError
 from autodeco.modeling import HEAD_MODULES, HEADS_WEIGHTS_NAME
 from autodeco.testing import build_char_tokenizer, build_tiny_model, save_tiny_base
-from autodeco.train_cli import add_train_parser, cmd_train, parse_trainer_args
-from autodeco.train_cli import main as train_main
-from autodeco.trainer import (
+from autodeco.modeling.io import resolve_dtype
+from autodeco.cli import build_parser
+from autodeco.cli import main as train_main
+from autodeco.cli.train import cmd_train, parse_trainer_args
+from autodeco.training import (
     DEFAULT_TRAINING_ARGUMENTS,
     LOGGED_METRICS,
     AutoDecoTrainer,
+    AutoDecoTrainingArguments,
     build_training_arguments,
     head_state,
 )
@@ -340,9 +342,7 @@ def test_parse_trainer_args_types_values_like_hf_argument_parser():
 
 
 def train_parser():
-    parser = argparse.ArgumentParser(prog="autodeco")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def cli(*argv):
@@ -444,8 +444,6 @@ def test_cli_help_explains_every_flag(capsys):
 
 
 def test_base_dtype_auto_is_bf16_only_on_a_bf16_gpu(monkeypatch):
-    from autodeco.cli import resolve_dtype
-
     assert resolve_dtype("float16", on_gpu=True) is torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_dtype("auto", on_gpu=True) is torch.float32
@@ -455,3 +453,40 @@ def test_base_dtype_auto_is_bf16_only_on_a_bf16_gpu(monkeypatch):
     assert resolve_dtype("auto", on_gpu=False) is torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_dtype("auto", on_gpu=True) is torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------- library API
+
+
+def test_train_heads_takes_a_loaded_model_and_a_dataset(tmp_path, dataset, tokenizer, capsys):
+    from autodeco.training import train_heads
+
+    config = AutoDecoTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                                       gradient_accumulation_steps=1, learning_rate=1e-2, use_cpu=True,
+                                       report_to="none", disable_tqdm=True, logging_steps=1, heads="temperature",
+                                       easy_token_mask_ratio=0.0)
+    model = make_model()
+    before = head_state(model)
+    summary = train_heads(model, dataset, config, tokenizer=tokenizer)
+    out = capsys.readouterr().out
+    assert "Engine: single process on cpu (parameters not sharded)." in out
+    assert summary["steps"] == 2 and summary["heads"] == "temperature" and "top_p_loss" not in summary
+    assert (tmp_path / "out" / HEADS_WEIGHTS_NAME).is_file()
+    after = head_state(model)
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("top_p_head."))
+    assert model.config.train_top_p is False and model.config.easy_token_mask_ratio == 0.0
+    with pytest.raises(ValueError, match="only apply to fresh heads"):
+        train_heads(model, dataset, AutoDecoTrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True,
+                                                              head_hidden_size=8), tokenizer=tokenizer)
+
+
+def test_training_arguments_check_autodeco_fields(tmp_path):
+    for bad, match in ((dict(control_share=1.5), "control-share must be in"), (dict(heads="neither"), "heads"),
+                       (dict(control_margin=-1.0), "control-margin must be >= 0"),
+                       (dict(max_length=0), "max_length"), (dict(label_names=["x"]), "label_names must be")):
+        with pytest.raises(ValueError, match=match):
+            AutoDecoTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **bad)
+    args = AutoDecoTrainingArguments(output_dir=str(tmp_path), use_cpu=True, control_share=0.3, dft=False)
+    assert args.control() == {"share": 0.3, "margin": 0.1, "weight": 1.0, "seed": 42}
+    assert args.loss_settings() == {"dft": False, "train_temperature": True, "train_top_p": True}
+    assert AutoDecoTrainingArguments(output_dir=str(tmp_path), use_cpu=True).control() is None

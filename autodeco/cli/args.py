@@ -1,6 +1,8 @@
 """Argument types and shared flags for every `autodeco` command: one definition each.
 
 Types raise argparse.ArgumentTypeError, which argparse turns into a one-line usage error (exit 2).
+CommandParser is the parser class of every subcommand (autodeco.cli.build_parser): a plain ArgumentParser, except
+that `add_parser(..., dataclass_types=D)` adds every field of the dataclass D as a flag (HfArgumentParser).
 """
 
 from __future__ import annotations
@@ -8,7 +10,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+class CommandParser(HfArgumentParser):
+    """The parser of one `autodeco` subcommand: an ArgumentParser with argparse's plain help layout; given
+    `dataclass_types`, each dataclass field becomes a `--field_name` / `--field-name` flag (the train command)."""
+
+    def __init__(self, dataclass_types=None, *, formatter_class=argparse.HelpFormatter, **kwargs):
+        super().__init__(dataclass_types, formatter_class=formatter_class, **kwargs)
 
 
 def _number(text: str, cast, what: str):

@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 
 from autodeco.cli.args import add_model_loading_flags, positive_int, read_template
-# TODO(integrator): load_control_settings moves to autodeco.training (control_settings.py) in the new layout.
 from autodeco.control import (
     HIGH_COMMANDS,
     HIGH_COMMANDS_HELD_OUT,

@@ -1,31 +1,19 @@
 """The demo's tiny base model: a standard Llama config and a BPE tokenizer built locally with `tokenizers`, trained
-from scratch on the demo tasks' corpus (autodeco/demo/tasks.py) by this script, imperfect on purpose.
+from scratch on the demo tasks' corpus (autodeco/demo/tasks.py), imperfect on purpose.
 
-    python -m autodeco.demo.base --output-dir runs/demo-base          # retrain (about 30 min on 2 CPU cores)
+    autodeco demo-base --output-dir runs/demo-base                     # retrain (about 30 min on 2 CPU cores)
     autodeco demo --retrain-base                                       # the same, then the whole demo on it
 
     from autodeco.demo.base import load_base
     model, tokenizer = load_base()                                     # the committed weights (BASE_MODEL_DIR)
 
-The committed copy in autodeco/demo/base_model/ (config.json, model.safetensors, tokenizer files) was written by
-`train_base(BASE_MODEL_DIR, BaseTrainingConfig())`; retraining with the same config and seed on the same torch
-build reproduces it (tokenizer exactly, weights up to the floating-point nondeterminism of the platform).
-
-What "imperfect on purpose" means here: the corpus is written by the teacher of tasks.corpus_example, which slips
-a digit with probability `slip_rate` and re-checks the pair it just rejected with probability `recheck_rate`, and
-the model is small and briefly trained. So its greedy decoding is good at arithmetic but loops on "pairs", and
-its T=1 sampling makes arithmetic slips: the situation per-token decoding is meant for.
-
-Training: next-token cross-entropy on the solution tokens only (the prompt is given at inference), AdamW, linear
-warmup then cosine decay, batches of freshly generated problems (never a test-split problem), float32 on CPU.
-Prompts are rendered with the tokenizer's chat template exactly as the evaluation builds them
-(benchmarks.build_prompt with template "{problem}") and the solution is tokenized on its own, as
-autodeco.data tokenizes prompt/completion rows, followed by EOS (<|end|>).
+The committed copy in autodeco/demo/base_model/ was written by `train_base(BASE_MODEL_DIR, BaseTrainingConfig())`;
+the same config and seed on the same torch build reproduce it. Its greedy decoding is good at arithmetic but loops
+on "pairs", and its T=1 sampling slips: the situation per-token decoding is meant for. Details: docs/demo.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -37,7 +25,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from autodeco.atomic import write_json_atomic
 from autodeco.demo import tasks
@@ -209,27 +197,12 @@ def train_base(output_dir: str | Path, cfg: BaseTrainingConfig | None = None, pr
 
 def load_base(path: str | Path = BASE_MODEL_DIR):
     """(model, tokenizer) of a demo base directory (default: the committed one), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"No demo base model in '{path}' (config.json missing). Retrain it with `autodeco demo --retrain-base` "
-            "or `python -m autodeco.demo.base --output-dir DIR`."
+            "or `autodeco demo-base --output-dir DIR`."
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the demo's tiny base model from scratch (no download).")
-    parser.add_argument("--output-dir", default=str(BASE_MODEL_DIR), help=f"where to write it (default {BASE_MODEL_DIR})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=BaseTrainingConfig.steps)
-    args = parser.parse_args(argv)
-    info = train_base(args.output_dir, BaseTrainingConfig(seed=args.seed, steps=args.steps))
-    print(json.dumps({k: v for k, v in info.items() if k != "history"}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

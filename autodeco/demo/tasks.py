@@ -6,33 +6,16 @@
     problems[0].problem, problems[0].answer                            # user text, exact gold answer
     solve(problems[0], random.Random(0))                              # a step-by-step solution (clean teacher)
 
-    python -m autodeco.demo.tasks --split test --count 6              # print a few problems and solutions
+    autodeco demo-problems --split test --count 6                     # print a few problems and solutions
 
-Two families, chosen so that decoding matters and the best static setting differs between them (the paper's
-argument for per-token decoding):
-
-* "arith", exact multi-step arithmetic (low temperature wins): "Start at 37, then + 8, - 5, + 9, - 3." solved one
-  operation per line, in order. Every digit must be right; sampling noise in any of them ruins the answer.
-* "pairs", a small search (randomness helps): "Find two of 23 41 17 35 that add up to 58." solved by trying pairs,
-  one per line ("23 + 41 = 64 no"), until one fits ("23 + 35 = 58 yes"), then "\\boxed{23+35}". Exactly one pair
-  fits. Which pair to try next is a choice with several valid continuations: a model that decodes greedily
-  commits to one and, if it has the habit of re-checking the pair it just tried, loops on it until it runs out
-  of tokens; sampling moves on. The sums themselves are again exact computation.
-
-The base model's corpus (`corpus_example`) is written by an imperfect teacher, on purpose (a pretraining corpus
-is never clean): with probability `slip_rate` a result is written with one digit wrong (and the work goes on
-from the wrong value), and in "pairs" the teacher re-checks the pair it just rejected with probability
-`recheck_rate`. The clean solutions (`solve`) never slip and never re-check. A share of the corpus prompts carry a
-style request (FILLER_SENTENCES: careful, loose or neutral) that the teacher honours; see the comment there.
-
-Splits: a problem's split is a hash of its canonical key (family and numbers), so "train" and "test" can never
-share a problem, whatever the seeds or counts; generators draw until they have enough problems of the split
-asked for. TEST_SHARE of all possible problems are test problems.
+Families: "arith" (exact multi-step arithmetic: low temperature wins) and "pairs" (a small search: randomness
+helps). The base's corpus (`corpus_example`) comes from an imperfect teacher (slips, re-checks, style requests);
+`solve` is the clean one. A problem's split is a hash of its canonical key, so the splits never share a problem.
+Details: docs/demo.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import random
 from dataclasses import dataclass
@@ -273,19 +256,3 @@ def corpus_example(rng: random.Random, *, slip_rate: float, recheck_rate: float,
             slip_rate = min(1.0, LOOSE_SLIP_FACTOR * slip_rate)
     return user, solve(problem, rng, slip_rate=slip_rate, recheck_rate=recheck_rate)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print demo problems with a clean and a corpus-style solution.")
-    parser.add_argument("--split", choices=SPLITS, default="test")
-    parser.add_argument("--count", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    rng = random.Random(args.seed)
-    for problem in generate_problems(args.split, args.count, args.seed):
-        print(f"[{problem.family}] {problem.problem}   gold: {problem.answer}")
-        print(solve(problem, rng, recheck_rate=0.0))
-        print()
-
-
-if __name__ == "__main__":
-    main()

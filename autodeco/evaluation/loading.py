@@ -17,9 +17,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 
 from autodeco import AutoDecoModelForCausalLM
-# TODO(integrator): import load_tokenizer and resolve_dtype from autodeco.modeling.io (their new home in the core
-# layout); on this branch they still live in autodeco/cli.py, which the library must not import after the merge.
-from autodeco.cli import load_tokenizer, resolve_dtype
+from autodeco.modeling.io import check_model_source, load_tokenizer, resolve_dtype
 
 __all__ = ["load_model", "load_autodeco_model", "model_type", "check_autodeco_dir", "process_state",
            "resolve_device"]
@@ -29,11 +27,8 @@ def model_type(name: str, *, what: str = "a model directory") -> str | None:
     """model_type of a local model directory's config.json (None for a hub name).
 
     A path that does not exist is taken as a hub name only if it looks like one ("org/name")."""
-    # TODO(integrator): the local-path vs hub-name check has one definition in autodeco.modeling.io; use it here.
     path = Path(name).expanduser()
-    if not path.exists():
-        if name.startswith((".", "/", "~")) or name.count("/") != 1:
-            raise FileNotFoundError(f"--model '{name}' does not exist; pass {what} (or a hub name).")
+    if check_model_source(str(path), "--model", fix=f"Pass {what} (or a hub name).") == "hub":
         return None
     config = path / "config.json"
     if not config.is_file():

@@ -1,111 +1,36 @@
 """AutoDecoTrainer: a `transformers.Trainer` that trains AutoDeco's temperature and top-p heads on a frozen base.
 
-    from autodeco import AutoDecoModelForCausalLM
-    from autodeco.data import AutoDecoDataset
-    from autodeco.trainer import AutoDecoTrainer, build_training_arguments
-
-    model = AutoDecoModelForCausalLM.from_base("Qwen/Qwen2.5-0.5B")           # or .from_pretrained(heads_dir)
-    train = AutoDecoDataset.from_jsonl("train.jsonl", tokenizer, max_length=4096)
-    args = build_training_arguments("runs/heads")                               # the defaults below
-    trainer = AutoDecoTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
-    trainer.train()                    # trainer.train(resume_from_checkpoint=True) picks up the last checkpoint
+    trainer = AutoDecoTrainer(model=model, args=AutoDecoTrainingArguments("runs/heads"), train_dataset=dataset,
+                              processing_class=tokenizer)
+    trainer.train()                    # resume_from_checkpoint=True picks up the last checkpoint-*
     trainer.save_model()               # config.json + autodeco_heads.safetensors (+ tokenizer): no base weights
 
-From the command line: `autodeco train --model BASE_OR_AUTODECO_DIR --data train.jsonl --output-dir runs/heads`
-(see autodeco/train_cli.py); several processes: `accelerate launch --config_file configs/accelerate/ddp.yaml
--m autodeco.cli train ...`.
-
-What the trainer adds to `Trainer`
-----------------------------------
-* Only the heads train. The base (`model.llm`) is frozen (requires_grad False) and kept in eval mode, so the
-  heads learn from the logits the base produces at inference (no dropout). A head whose loss is switched off
-  (`config.train_temperature` / `config.train_top_p` False) is frozen too, so it never reaches the optimizer
-  and stays bit-identical: either head alone, or both jointly.
-* Loss normalisation under gradient accumulation and data parallelism. The model returns, per micro-batch,
-  each loss as a MEAN over that micro-batch's n_micro supervised tokens (n_micro = (labels[:, 1:] != -100).sum()).
-  With `num_items_in_batch` (the Trainer's count of supervised tokens over the whole accumulation window, and
-  over all processes when `average_tokens_across_devices`) `compute_loss` returns
-      loss_mean * n_micro / num_items_in_batch          (x num_processes when averaging across devices,
-                                                          because DDP then averages the gradients)
-  so the accumulated gradient is the gradient of the mean over every supervised token of the optimizer step,
-  whatever the split into micro-batches and processes. This is exact for the soft top-p loss and for the
-  temperature loss with easy_token_mask_ratio = 0. With easy-token masking the temperature loss is a mean over
-  the *kept* tokens of the micro-batch, whose number the trainer does not see, so micro-batches are weighted by
-  their supervised (not kept) token counts: an approximation whose error shrinks with batch size, and which the
-  paper's own per-batch masking already implies. Without `num_items_in_batch` the Trainer's default applies
-  (each micro-batch mean divided by the number of accumulation steps).
-* Logging, per logging window, averaged over its micro-batches (token-weighted) and over processes:
-  `loss`, `temperature_loss`, `top_p_loss` (a head's loss only when it trains), `mean_temperature` and
-  `mean_top_p` (the heads' predictions over supervised tokens), `learning_rate`, `grad_norm`. They go to the
-  progress bar, `trainer.state.log_history`, and TensorBoard when installed (report_to).
-* Decoding control (autodeco/control.py; off unless the batches carry `control_pairs`, as
-  `DataCollatorWithControl` makes them): each micro-batch holds plain rows and, for some of them, a twin with a
-  low- or high-randomness command in its user message. The ordinary losses train on every row (twins included,
-  normalised as above); on top, `control_weight * (margin loss on mean T + margin loss on mean P)` (only for the
-  heads that train), where each row's mean is over its supervised tokens and the margin loss is
-  `control.control_margin_loss` over the micro-batch's K pairs. That term is a mean over pairs per micro-batch,
-  divided by the number of accumulated micro-batches (a mean of micro-batch means; DDP averages it over
-  processes). Logged per window: `control_loss` (the unweighted margin losses, mean over pairs),
-  `control_consistency_temperature` / `control_consistency_top_p` (share of pairs whose commanded mean is on the
-  right side of the plain one) and `control_delta_temperature` / `control_delta_top_p` (mean of
-  direction * (commanded - plain): positive when the commands work).
-* Checkpoints hold the heads only (`autodeco_heads.safetensors` + config; the model's save_pretrained never
-  writes base weights) plus the Trainer's optimizer, scheduler, RNG and trainer state, so
-  `train(resume_from_checkpoint=...)` continues exactly where it stopped. Resuming and `load_best_model_at_end`
-  load the heads file with `model.load_heads`. (Under FSDP / DeepSpeed those frameworks additionally write
-  their own resume state, which can include the frozen base's shards; see configs/accelerate/*.yaml.)
-
-Default hyper-parameters (`build_training_arguments`; every one can be overridden)
-----------------------------------------------------------------------------------
-| argument                          | default        | why                                                          |
-|-----------------------------------|----------------|--------------------------------------------------------------|
-| max_steps                         | 400            | the paper trains its heads for ~400 steps on ~6K samples     |
-| per_device_train_batch_size       | 4              | 4 x 4 = 16 sequences per step: 400 steps ~ one pass over ~6K  |
-| gradient_accumulation_steps       | 4              | samples; with N processes divide it by N to keep 16          |
-| learning_rate                     | 5e-5           | AdamW moves each weight by <~lr per step; with 256 hidden    |
-|                                   |                | units and a zero-initialised output layer, 400 steps can move|
-|                                   |                | the output logit by a few units (T from 1 to ~0.15 or ~1.85) |
-|                                   |                | but not wildly; mid-range of the 5e-6..1e-4 used for heads   |
-| optim                             | adamw_torch_fused | Trainer default (AdamW, fused kernel on torch >= 2.8)     |
-| lr_scheduler_type                 | cosine         | smooth decay to 0 over the short run                         |
-| warmup_steps                      | 0.1            | 10% linear warmup (a float < 1 is a ratio of max_steps)      |
-| weight_decay                      | 0.0            | the heads are tiny; nothing to regularise                    |
-| max_grad_norm                     | 1.0            | guards against rare huge-gradient tokens (T near its bounds) |
-| seed                              | 42             | seeds the sampler and the easy-token mask draws              |
-| logging_steps / logging_first_step| 10 / True      |                                                              |
-| save_steps                        | 100            | 4 checkpoints per run; each is a few MB (heads + AdamW state)|
-| report_to                         | tensorboard if installed, else none                            |
-| bf16                              | False          | on CUDA the CLI loads the frozen *base* in bfloat16 instead: |
-|                                   |                | autocast would also run the heads' matmuls in bf16, and T, P |
-|                                   |                | are too sensitive for that; pass bf16=True to autocast anyway|
-| ddp_find_unused_parameters        | False          | every trainable parameter gets a gradient every step         |
-| dataloader_pin_memory             | True on CUDA   | (pinning without a GPU only draws a warning)                 |
-| remove_unused_columns, label_names| False, ["labels"] (forced: the collator's batch goes to the model as is)    |
+What it overrides: only the heads train (the base is frozen and kept in eval mode); `compute_loss` makes the loss
+the exact mean over every supervised token of the optimizer step, whatever the split into micro-batches and
+processes; the logs gain the heads' losses and mean T / P (and the decoding-control metrics when the batches
+carry `control_pairs`); checkpoints hold the heads only and resume loads them with `load_heads`.
+`describe_engine(trainer)` names the engine (DDP / DeepSpeed ZeRO stage / FSDP / one process) and what is
+sharded. Full explanation: docs/training.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import logging
 import os
-from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.integrations import is_tensorboard_available
 
 from autodeco.losses import completion_means, control_margin_loss
 from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion
 from autodeco.modeling import HEADS_WEIGHTS_NAME, AutoDecoModelForCausalLM
+from autodeco.training.arguments import FORCED_TRAINING_ARGUMENTS, build_training_arguments
 
 __all__ = [
     "AutoDecoTrainer",
     "CONTROL_LOGGED_METRICS",
-    "DEFAULT_TRAINING_ARGUMENTS",
-    "FORCED_TRAINING_ARGUMENTS",
     "LOGGED_METRICS",
-    "build_training_arguments",
+    "describe_engine",
     "head_state",
     "prepare_model_for_training",
     "trainable_parameter_names",
@@ -113,25 +38,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRAINING_ARGUMENTS: dict[str, Any] = {
-    "max_steps": 400,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 4,
-    "learning_rate": 5e-5,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.1,
-    "weight_decay": 0.0,
-    "max_grad_norm": 1.0,
-    "seed": 42,
-    "logging_steps": 10,
-    "logging_first_step": True,
-    "save_strategy": "steps",
-    "save_steps": 100,
-    "ddp_find_unused_parameters": False,
-}
-# The batches are the collator's dict of tensors; removing "unused" columns or guessing label names from the
-# forward signature would only get in the way.
-FORCED_TRAINING_ARGUMENTS: dict[str, Any] = {"remove_unused_columns": False, "label_names": ["labels"]}
 # Keys `AutoDecoTrainer.log` adds to each training log (next to the Trainer's loss, learning_rate, grad_norm).
 LOGGED_METRICS = ("temperature_loss", "top_p_loss", "mean_temperature", "mean_top_p")
 
@@ -145,39 +51,9 @@ _TOKENS, _T_LOSS, _P_LOSS, _T_SUM, _P_SUM = range(5)
 _PAIRS, _C_LOSS, _T_CONS, _P_CONS, _T_DELTA, _P_DELTA = range(5, 11)
 _SLOTS = 11
 
-
-def _training_argument_names() -> set[str]:
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
-def build_training_arguments(output_dir: str | os.PathLike, **overrides) -> TrainingArguments:
-    """TrainingArguments with the defaults of the module docstring; `overrides` are TrainingArguments fields.
-
-    `report_to` defaults to TensorBoard when it is installed. `remove_unused_columns` and `label_names` are
-    fixed (FORCED_TRAINING_ARGUMENTS); passing other values for them is an error.
-    """
-    valid = _training_argument_names()
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        hints = {k: difflib.get_close_matches(k, valid, n=3) for k in unknown}
-        raise ValueError(
-            f"Unknown TrainingArguments field(s) {unknown}"
-            + "".join(f"; did you mean {h} for '{k}'?" for k, h in hints.items() if h)
-            + ". Valid names are the fields of transformers.TrainingArguments: run "
-            "`python -c \"import transformers; help(transformers.TrainingArguments)\"`."
-        )
-    for key, value in FORCED_TRAINING_ARGUMENTS.items():
-        if key in overrides and overrides[key] != value:
-            raise ValueError(
-                f"TrainingArguments.{key} must be {value!r} for AutoDeco training (the collator's batch goes to the "
-                f"model as is); got {overrides[key]!r}."
-            )
-    kwargs = dict(DEFAULT_TRAINING_ARGUMENTS)
-    kwargs["report_to"] = "tensorboard" if is_tensorboard_available() else "none"
-    kwargs["dataloader_pin_memory"] = torch.cuda.is_available()  # pinning without a GPU only draws a warning
-    kwargs.update(overrides)
-    kwargs.update(FORCED_TRAINING_ARGUMENTS)
-    return TrainingArguments(output_dir=str(output_dir), **kwargs)
+# What each DeepSpeed ZeRO stage partitions across processes.
+_ZERO_SHARDS = {0: "nothing sharded", 1: "optimizer states sharded", 2: "optimizer states and gradients sharded",
+                3: "parameters, gradients and optimizer states sharded"}
 
 
 def prepare_model_for_training(model: AutoDecoModelForCausalLM) -> None:
@@ -203,11 +79,11 @@ def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
 
 class AutoDecoTrainer(Trainer):
     """`transformers.Trainer` for AutoDeco heads: head-only optimisation, exact token-mean loss under gradient
-    accumulation and data parallelism, head metrics in the logs, heads-only checkpoints. See the module docstring.
+    accumulation and data parallelism, head metrics in the logs, heads-only checkpoints (docs/training.md).
 
-    `args` defaults to `build_training_arguments("autodeco_output")`; the data collator defaults to
+    `args` defaults to `AutoDecoTrainingArguments("autodeco_output")`; the data collator defaults to
     `DataCollatorForCompletion(processing_class)`. `control_margin` and `control_weight` set the decoding-control
-    term, used only for batches that carry `control_pairs` (autodeco.control.DataCollatorWithControl).
+    term, used only for batches that carry `control_pairs` (autodeco.data.DataCollatorWithControl).
     """
 
     def __init__(self, model: AutoDecoModelForCausalLM | None = None, args: TrainingArguments | None = None,
@@ -252,7 +128,7 @@ class AutoDecoTrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        """Forward with labels; returns the micro-batch's share of the step's token-mean loss (see module doc)."""
+        """Forward with labels; returns the micro-batch's share of the step's token-mean loss (docs/training.md)."""
         unwrapped = self.accelerator.unwrap_model(model)
         if unwrapped.llm.training:
             unwrapped.llm.eval()  # the frozen base is measured as it decodes: no dropout
@@ -284,7 +160,7 @@ class AutoDecoTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _control_loss(self, unwrapped, outputs, labels: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-        """control_weight * (margin loss on mean T + on mean P) over the K pairs of this micro-batch (see module doc)."""
+        """control_weight * (margin loss on mean T + on mean P) over the K pairs of this micro-batch (docs/training.md)."""
         pairs = pairs.to(outputs.temperature.device)
         plain, twin, direction = pairs[:, 0], pairs[:, 1], pairs[:, 2]  # [K] each
         config = unwrapped.config
@@ -387,3 +263,22 @@ def head_state(model: AutoDecoModelForCausalLM) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the heads' tensors (for comparisons in tests and scripts)."""
     return {k: v.detach().cpu().clone() for k, v in model.heads_state_dict().items()}
 
+
+def describe_engine(trainer: Trainer) -> str:
+    """One line naming the engine this trainer runs on and whether parameters are sharded (issue 16: a silent
+    fallback, e.g. FSDP dropped to DDP on CPU, shows here)."""
+    n = trainer.args.world_size
+    processes = f"{n} process{'es' if n > 1 else ''}"
+    if trainer.is_deepspeed_enabled:
+        stage = int(trainer.accelerator.state.deepspeed_plugin.zero_stage)
+        return (f"DeepSpeed ZeRO stage {stage} over {processes} ({_ZERO_SHARDS.get(stage, 'unknown stage')}; "
+                f"parameters {'sharded' if stage == 3 else 'not sharded'})")
+    if trainer.is_fsdp_enabled:
+        plugin = trainer.accelerator.state.fsdp_plugin
+        version = getattr(plugin, "fsdp_version", 1)
+        strategy = getattr(plugin, "sharding_strategy", None)
+        detail = f", {getattr(strategy, 'name', strategy)}" if version == 1 and strategy is not None else ""
+        return f"FSDP{version} over {processes} (parameters sharded{detail})"
+    if n > 1:
+        return f"DDP over {processes} on {trainer.args.device.type} (parameters replicated, not sharded)"
+    return f"single process on {trainer.args.device.type} (parameters not sharded)"
