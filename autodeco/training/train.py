@@ -20,7 +20,7 @@ from typing import Sequence
 from transformers import AutoConfig, PreTrainedModel
 
 from autodeco.modeling.io import check_model_source, load_tokenizer, resolve_dtype
-from autodeco.control import ControlDataset, DataCollatorWithControl
+from autodeco.data import ControlDataset, DataCollatorWithControl
 from autodeco.data import AutoDecoDataset
 from autodeco.modeling import AutoDecoModelForCausalLM
 from autodeco.training.arguments import AutoDecoTrainingArguments
