@@ -57,6 +57,9 @@ HEAD_MODULES = ("temperature_head", "top_p_head")
 STATS_CHUNK_ROWS = 256
 # generate() kwargs that mean "static decoding with these values".
 STATIC_SAMPLING_KWARGS = ("temperature", "top_p")
+# transformers 5.20 renamed the cache argument and output field `past_key_values` -> `cache`; 5.16.1 - 5.19 (what
+# vLLM 0.32 pins) still use the old name. The base is called, and our output is built, with the installed name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
@@ -508,7 +511,7 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             **kwargs,
         )
         if cache is not None:
-            base_kwargs["cache"] = cache
+            base_kwargs[CACHE_FIELD] = cache
         if self._base_takes_logits_to_keep:
             base_kwargs["logits_to_keep"] = logits_to_keep
         if not self._hidden_from_hook:
@@ -545,7 +548,7 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         return AutoDecoCausalLMOutput(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states if kwargs.get("output_hidden_states") else None,
             attentions=outputs.attentions,
             temperature=temperature,
