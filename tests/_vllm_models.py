@@ -46,13 +46,19 @@ def randomise_heads(model: AutoDecoModelForCausalLM, seed: int = 0, scale: float
             last.weight.copy_(torch.randn(last.weight.shape, generator=g) * scale / last.weight.shape[1] ** 0.5)
 
 
-def build_autodeco(directory, arch: str = "llama", seed: int = 0, layout: str = "merged", **overrides) -> Path:
-    """Write a tiny random base + randomised heads to `directory` (merged layout, or heads-only + base/)."""
+def build_autodeco(directory, arch: str = "llama", seed: int = 0, layout: str = "merged", logit_scale: float = 6.0,
+                   **overrides) -> Path:
+    """Write a tiny random base + randomised heads to `directory` (merged layout, or heads-only + <dir>-base/).
+
+    The output embedding is scaled by `logit_scale` so the random base's distributions are peaked like a real
+    LM's (a near-uniform one would put almost every token in every nucleus)."""
     directory = Path(directory)
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(tiny_base_config(arch, len(tokenizer), **overrides), dtype=torch.float32)
     base.eval()
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(logit_scale)
     base_dir = directory.parent / f"{directory.name}-base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
