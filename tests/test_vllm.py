@@ -25,7 +25,7 @@ from autodeco import AutoDecoModelForCausalLM  # noqa: E402
 from autodeco.sampling import MIN_TEMPERATURE, dynamic_logits  # noqa: E402
 
 WORKER = Path(__file__).with_name("_vllm_worker.py")
-ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe"]
+ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "gpt_oss"]
 
 
 def run_worker(model_dir: Path, out: Path, timeout: int = 900) -> dict:
