@@ -11,7 +11,11 @@ losses read. `model_type = "autodeco"`, registered with `AutoConfig` on `import 
 from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:  # transformers >= 5.20 declares composite configs with SubConfigSpec
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 5.16.1 - 5.19 (what vLLM 0.32 pins): the older `sub_configs` mapping
+    SubConfigSpec = None
 
 # The label value PyTorch's cross-entropy (and every Hugging Face causal LM) ignores: a position that is not
 # supervised. The one definition; everything in autodeco imports it from here.
@@ -46,7 +50,10 @@ class AutoDecoConfig(PretrainedConfig):
 
     model_type = "autodeco"
     _BASE_IMPLEMENTATION_ATTRS = ("_attn_implementation_internal", "_experts_implementation_internal")
-    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True)}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True)}
+    else:  # < 5.20: __post_init__ below turns a dict base_config into a config itself
+        sub_configs = {"base_config": AutoConfig}
 
     base_config: dict | PretrainedConfig | None = None
     base_model_name_or_path: str | None = None
@@ -64,6 +71,10 @@ class AutoDecoConfig(PretrainedConfig):
     soft_top_p_official_log: bool = False
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None and isinstance(self.base_config, dict):
+            # What SubConfigSpec(AutoConfig, model_type="llama") does on transformers >= 5.20.
+            fields = dict(self.base_config)
+            self.base_config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
         # The parent pushes its own (unset) attention/experts implementation down into sub-configs; a loaded
         # base already chose its own, which must survive being wrapped.
         base = self.base_config if isinstance(self.base_config, PretrainedConfig) else None

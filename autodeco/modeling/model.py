@@ -29,6 +29,10 @@ from autodeco.modeling.generation import AutoDecoGenerationMixin, _GenerationSta
 from autodeco.modeling.io import HEAD_MODULES, AutoDecoIOMixin
 from autodeco.sampling import NUCLEUS_WINDOW
 
+# transformers 5.20 renamed the cache argument and output field `past_key_values` -> `cache`; 5.16.1 - 5.19 (what
+# vLLM 0.32 pins) still use the old name. The base is called, and our output is built, with the installed name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 __all__ = ["AutoDecoCausalLMOutput", "AutoDecoModelForCausalLM", "STATS_CHUNK_ROWS"]
 
 # Rows of [rows, V] float32 the top-p head's statistics are computed over at once: bounds training memory.
@@ -213,7 +217,7 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
             **kwargs,
         )
         if cache is not None:
-            base_kwargs["cache"] = cache
+            base_kwargs[CACHE_FIELD] = cache
         if self._base_takes_logits_to_keep:
             base_kwargs["logits_to_keep"] = logits_to_keep
         if not self._hidden_from_hook:
@@ -250,7 +254,7 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
         return AutoDecoCausalLMOutput(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states if kwargs.get("output_hidden_states") else None,
             attentions=outputs.attentions,
             temperature=temperature,
