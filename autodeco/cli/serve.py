@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from autodeco.vllm.serve import serve  # imports no vLLM itself: the server runs in a vLLM subprocess
+
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from autodeco.vllm.serve import serve  # vLLM is optional: imported only when serving
-
     status = serve(args.model, args.server_args)
     if status:
         raise SystemExit(status)

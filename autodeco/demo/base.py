@@ -14,7 +14,6 @@ on "pairs", and its T=1 sampling slips: the situation per-token decoding is mean
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil

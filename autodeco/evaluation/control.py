@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from autodeco.atomic import atomic_write, write_json_atomic, write_text_atomic
 from autodeco.control import (
@@ -28,7 +29,8 @@ from autodeco.control import (
     insert_command,
 )
 from autodeco.evaluation.benchmarks import Problem, build_prompt
-from autodeco.evaluation.generation import GenerationRequest, encode_prompt, generate_completions, teacher_forced
+from autodeco.evaluation.generation import GenerationRequest, encode_prompt, generate_completions
+from autodeco.modeling import teacher_forced
 
 __all__ = ["evaluate_control", "control_markdown", "plot_control_trace", "CONDITIONS", "SETS"]
 
@@ -147,8 +149,10 @@ def evaluate_control(
                 text = prompt if command is None else insert_command(prompt, command, tokenizer)
                 rows.append((encode_prompt(tokenizer, text), list(completion.token_ids)))
                 where.append((label, i))
-        outputs = teacher_forced(model, rows, batch_size, progress=progress, desc="eval-control: teacher forcing")
-        traces = [(out["temperature"].tolist(), out["top_p"].tolist()) for out in outputs]
+        with tqdm(total=len(rows), desc="eval-control: teacher forcing", unit="seq", disable=not progress,
+                  file=sys.stderr) as bar:
+            outputs = teacher_forced(model, rows, batch_size, on_batch=bar.update)
+        traces = [(out.temperature.tolist(), out.top_p.tolist()) for out in outputs]
     finally:
         for module, training in modes:
             module.training = training

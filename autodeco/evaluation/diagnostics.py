@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-# TODO(integrator): import IGNORE_INDEX from autodeco.config (its one definition) once core's layout is merged.
-from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion, load_examples
+from autodeco.config import IGNORE_INDEX
+from autodeco.data import DataCollatorForCompletion, load_examples
 from autodeco.sampling import MIN_TEMPERATURE
 
 __all__ = [
@@ -118,9 +118,8 @@ def _load(tokenizer, data_files, max_length: int) -> list[dict]:
 @torch.no_grad()
 def _run(model, tokenizer, examples: list[dict], batch_size: int, beta_bar: float | None, return_logits: bool) -> dict:
     """One teacher-forced pass over `examples`; see teacher_forced_predictions for the result."""
-    # TODO(integrator): one of the tree's teacher-forced loops (also generation.teacher_forced, used by control and
-    # the plots); this one keeps the collator's right-padded training batches and full [B, L, V] logits, so it was
-    # not folded into generation.teacher_forced. Use modeling.teacher_forced if the core layout offers one.
+    # Not modeling.teacher_forced: this pass keeps the collator's right-padded training batches, their labels and
+    # full [B, L, V] logits for the decomposition.
     collator = DataCollatorForCompletion(tokenizer)
     device = model.get_input_embeddings().weight.device
     temperatures, top_ps, labels_out, logits_out = [], [], [], []

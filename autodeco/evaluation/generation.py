@@ -6,19 +6,17 @@
 
 A seeded request is sampled after `torch.manual_seed(seed)`; unseeded ones (greedy) share left-padded calls;
 packed requests (same `group`) share one seed and calls; CUDA out-of-memory halves the batch. `Engine` is the
-interface another backend (vLLM) implements; `TransformersEngine` is the transformers one. teacher_forced runs
-the model over given completions (their per-token T, P, logits). See docs/evaluation.md.
+interface another backend (vLLM) implements; `TransformersEngine` is the transformers one. See
+docs/evaluation.md.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from autodeco.evaluation.methods import Method
@@ -31,7 +29,6 @@ __all__ = [
     "TransformersEngine",
     "encode_prompt",
     "generate_completions",
-    "teacher_forced",
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_BATCH_SIZE",
 ]
@@ -255,48 +252,6 @@ def generate_completions(model, tokenizer, requests: Sequence[GenerationRequest]
 
 
 @torch.no_grad()
-def teacher_forced(model, rows: Sequence[tuple[list[int], list[int]]], batch_size: int, *, keep_logits: bool = False,
-                   progress: bool = False, desc: str = "teacher forcing") -> list[dict]:
-    """The model's outputs at each completion token of each (prompt ids, completion ids) row, by teacher forcing.
-
-    Returns per row {"temperature": [m], "top_p": [m]} (float32, CPU; None for a model without heads) and with
-    `keep_logits` also "logits": [m, V] float32, the raw logits of the position predicting each completion token.
-    Rows are left padded (position ids follow the attention mask, as in generate) and sorted by length; only the
-    last max(completion length) + 1 positions are kept (logits_to_keep), so memory does not grow with prompts.
-    """
-    device = model.get_input_embeddings().weight.device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    results: list[dict | None] = [None] * len(rows)
-    bar = tqdm(total=len(order), desc=desc, unit="seq", disable=not progress, file=sys.stderr)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        sequences = [rows[i][0] + rows[i][1] for i in chunk]
-        width = max(len(s) for s in sequences)
-        keep = max(len(rows[i][1]) for i in chunk) + 1
-        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, W]; pad id is irrelevant (masked)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, W]
-        for row, seq in enumerate(sequences):
-            input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq):] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, W]
-        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    position_ids=position_ids.to(device), use_cache=False, logits_to_keep=keep)
-        heads = getattr(out, "temperature", None) is not None
-        t_all = out.temperature.float().cpu() if heads else None  # [B, keep]
-        p_all = out.top_p.float().cpu() if heads else None
-        for row, index in enumerate(chunk):
-            m = len(rows[index][1])
-            # Kept index k is position W - keep + k; completion token j sits at W - m + j, predicted at W - m + j - 1.
-            span = slice(keep - m - 1, keep - 1)
-            result = {"temperature": t_all[row, span] if heads else None, "top_p": p_all[row, span] if heads else None}
-            if keep_logits:
-                result["logits"] = out.logits[row, span].float().cpu()  # [m, V]
-            results[index] = result
-        bar.update(len(chunk))
-    bar.close()
-    return results  # type: ignore[return-value]
-
-
 class Engine(Protocol):
     """A generation backend: what run_evaluation needs to sample a decoding method (the seam for vLLM).
 

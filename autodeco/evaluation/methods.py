@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from autodeco.features import entropy_from_log_probs
+
 __all__ = [
     "Method",
     "VALID_METHODS",
@@ -318,9 +320,7 @@ class EDTLogitsProcessor(LogitsProcessor):
         scores = scores.to(torch.float32)
         log_p = torch.log_softmax(scores, dim=-1)  # [B, V]
         p = log_p.exp()
-        # TODO(integrator): use autodeco.features.entropy (one definition, one -inf guard) instead of this copy.
-        # Tokens already filtered to -inf have p = 0: their p * log p is 0, not nan.
-        entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)  # [B] nats
+        entropy = entropy_from_log_probs(log_p, probs=p)  # [B] nats; filtered tokens (p = 0) contribute 0
         entropy = entropy.clamp_min(EDT_ENTROPY_EPS)
         # log T = log T0 + (theta / H) * log N: finite for every H >= eps; exp may underflow to 0 -> clamped.
         log_t = math.log(self.t0) + (self.theta / entropy) * math.log(self.n)

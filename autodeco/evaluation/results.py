@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from autodeco.evaluation.benchmarks import Benchmark
-from autodeco.evaluation.generation import teacher_forced
 from autodeco.evaluation.methods import ORACLE_TEMPERATURES, ORACLE_TOP_PS, Method, parse_methods, static_method
 from autodeco.evaluation.metrics import average_metrics, compute_metrics
+from autodeco.features import entropy
+from autodeco.modeling import teacher_forced
 
 __all__ = ["assemble_results", "plot_data", "records_for", "EXAMPLE_PROBLEMS", "DYNAMIC_KINDS"]
 
@@ -219,8 +220,5 @@ def _token_entropies(model, prompt_ids: list[int], token_ids: list[int]) -> list
     Only the positions that predict the completion are kept (logits_to_keep), at most ENTROPY_MAX_TOKENS of them.
     """
     token_ids = token_ids[:ENTROPY_MAX_TOKENS]
-    logits = teacher_forced(model, [(prompt_ids, token_ids)], 1, keep_logits=True)[0]["logits"]  # [m, V]
-    # TODO(integrator): use autodeco.features.entropy (one definition, one -inf guard) instead of this copy.
-    log_p = torch.log_softmax(logits, dim=-1)
-    entropy = -(log_p.exp() * log_p.masked_fill(torch.isinf(log_p), 0.0)).sum(-1)
-    return entropy.cpu().tolist()
+    logits = teacher_forced(model, [(prompt_ids, token_ids)], 1, logits=True)[0].logits  # [m, V]
+    return entropy(logits).cpu().tolist()

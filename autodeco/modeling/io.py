@@ -126,7 +126,7 @@ class AutoDecoIOMixin:
         device_map=None,
         trust_remote_code: bool = False,
         **config_overrides,
-    ) -> "AutoDecoModelForCausalLM":
+    ) -> PreTrainedModel:
         """Wrap `base` (a local path, a hub name, or a loaded PreTrainedModel) with fresh heads.
 
         `config_overrides` set AutoDecoConfig fields (e.g. `max_temperature=1.5`, `top_p_features=False`).

@@ -24,8 +24,8 @@ __all__ = ["TeacherForced", "teacher_forced"]
 class TeacherForced:
     """One row's values at its completion tokens: position j is what predicted completion token j."""
 
-    temperature: torch.Tensor  # [m] float32
-    top_p: torch.Tensor  # [m] float32
+    temperature: torch.Tensor | None  # [m] float32; None for a model without heads (a plain base)
+    top_p: torch.Tensor | None  # [m] float32; None for a model without heads
     logits: torch.Tensor | None = None  # [m, V] float32, with logits=True
 
 
@@ -65,9 +65,11 @@ def teacher_forced(
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, W]
         out = model(input_ids=input_ids.to(model_device), attention_mask=attention_mask.to(model_device),
                     position_ids=position_ids.to(model_device), use_cache=False, logits_to_keep=keep)
-        t_all, p_all = out.temperature.float(), out.top_p.float()  # [B, keep]
+        heads = getattr(out, "temperature", None) is not None
+        t_all = out.temperature.float() if heads else None  # [B, keep]
+        p_all = out.top_p.float() if heads else None
         z_all = out.logits[:, -keep:] if logits else None  # [B, keep, V]
-        if device is not None:
+        if device is not None and heads:
             t_all, p_all = t_all.to(device), p_all.to(device)
         for row, index in enumerate(chunk):
             m = len(rows[index][1])
@@ -77,7 +79,8 @@ def teacher_forced(
             if z_all is not None:
                 z = z_all[row, window].float()
                 z = z.to(device) if device is not None else z
-            results[index] = TeacherForced(t_all[row, window], p_all[row, window], z)
+            results[index] = TeacherForced(t_all[row, window] if heads else None,
+                                           p_all[row, window] if heads else None, z)
         if on_batch is not None:
             on_batch(len(chunk))
     return results  # type: ignore[return-value]

@@ -19,7 +19,7 @@ MODEL_CLASS = "autodeco.vllm.model:AutoDecoForCausalLM"
 
 def register() -> None:
     """The plugin entry point: register the AutoDeco config with transformers and the model with vLLM."""
-    import autodeco  # noqa: F401  (registers AutoConfig "autodeco")
+    # Importing autodeco.vllm imported autodeco first, which registered AutoConfig "autodeco" with transformers.
     from vllm import ModelRegistry  # optional dependency: imported only when vLLM loads the plugin
 
     # A "module:Class" string keeps the import lazy (vLLM inspects it in a subprocess, CUDA stays untouched).

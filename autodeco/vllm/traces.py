@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from autodeco.modeling import AutoDecoModelForCausalLM
+
 
 class TeacherForcedTraces:
     """Callable (prompt_ids, completion_ids) -> (temperatures, top_ps), lists of len(completion_ids) floats."""
@@ -28,8 +30,6 @@ class TeacherForcedTraces:
     @property
     def model(self):
         if self._model is None:
-            from autodeco import AutoDecoModelForCausalLM
-
             model = AutoDecoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
             self._model = model.to(self.device).eval()
         return self._model
