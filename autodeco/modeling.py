@@ -40,6 +40,7 @@ from transformers.utils import cached_file
 
 from autodeco.atomic import atomic_write, write_text_atomic
 from autodeco.config import AutoDecoConfig
+from autodeco.fused_loss import fused_forward
 from autodeco.heads import TemperatureHead, TopPHead
 from autodeco.sampling import (
     MIN_TEMPERATURE,
@@ -487,11 +488,14 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values=None,
+        fused_loss: bool = False,
         **kwargs,
     ) -> AutoDecoCausalLMOutput:
         """Base forward plus heads. Shapes: input_ids [B, S]; logits [B, K, V]; temperature, top_p [B, K], where K
         is the number of kept positions (`logits_to_keep`, 0 = all). `past_key_values` is accepted as the older
-        name of `cache`. With `labels` [B, S] the losses are computed (labels shifted as for any causal LM)."""
+        name of `cache`. With `labels` [B, S] the losses are computed (labels shifted as for any causal LM).
+        `fused_loss=True` (with labels; what AutoDecoTrainer passes in training) computes them chunk by chunk from
+        the final hidden states (autodeco/fused_loss.py): logits then holds the last position only [B, 1, V]."""
         if past_key_values is not None:
             if cache is not None:
                 raise ValueError("Pass either `cache` or `past_key_values` (its older name), not both.")
@@ -513,6 +517,9 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             base_kwargs["logits_to_keep"] = logits_to_keep
         if not self._hidden_from_hook:
             base_kwargs["output_hidden_states"] = True
+        if fused_loss and labels is not None and state is None:
+            # Issue 16 hook: train without the [B, S, V] logits (autodeco/fused_loss.py).
+            return self._fused_forward(base_kwargs, labels, logits_to_keep, kwargs)
         self._hidden_capture.value = None
         try:
             outputs = self.llm(**base_kwargs)
@@ -552,6 +559,18 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             top_p=top_p,
             temperature_loss=temperature_loss,
             top_p_loss=top_p_loss,
+        )
+
+    def _fused_forward(self, base_kwargs, labels, logits_to_keep, kwargs) -> AutoDecoCausalLMOutput:
+        """forward(labels=..., fused_loss=True): see autodeco/fused_loss.py (issue 16 hook)."""
+        if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("Training with `labels` needs logits at every position: leave logits_to_keep=0.")
+        base_kwargs = {k: v for k, v in base_kwargs.items() if k != "logits_to_keep"}
+        outputs, heads = fused_forward(self, base_kwargs, labels, chunk_rows=getattr(self, "fused_loss_chunk_rows", None))
+        return AutoDecoCausalLMOutput(
+            loss=heads.loss, logits=outputs.logits, cache=outputs.cache, hidden_states=None,
+            attentions=outputs.attentions, temperature=heads.temperature, top_p=heads.top_p,
+            temperature_loss=heads.temperature_loss, top_p_loss=heads.top_p_loss,
         )
 
     def _decode_step(self, state, logits, temperature, top_p, scaled, past_length, input_ids, inputs_embeds):
