@@ -100,23 +100,17 @@ def supports_fused_loss(model) -> bool:
 
 @contextlib.contextmanager
 def _projection(lm_head: torch.nn.Module):
-    """Yields project(h [C, H]) -> h W^T + b as lm_head computes it, with the weight whole for the whole loop.
+    """Yields project(h [C, H]) -> h W^T + b exactly as lm_head computes it.
 
-    DeepSpeed ZeRO-3 partitions the weight (gathered once here, not once per chunk); an FSDP2-sharded
-    DTensor weight (lm_head in its own group) is gathered with full_tensor(). Plain weights are used as they are.
+    Under DeepSpeed ZeRO-3 (partitioned weight, ds_id) and FSDP2 with lm_head in its own group (DTensor weight),
+    the module itself is called, so the engine's hooks gather the weight for each chunk and release it after;
+    a plain weight is used directly (no module hooks, e.g. AutoDeco's hidden-state capture, per chunk).
     """
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    params = [p for p in (weight, bias) if p is not None]
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed  # optional dependency, only present (and only needed) under DeepSpeed ZeRO-3
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield lambda h: F.linear(h, lm_head.weight, getattr(lm_head, "bias", None))
-        return
-    if hasattr(weight, "full_tensor"):  # torch.distributed.tensor.DTensor
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
-    yield lambda h: F.linear(h, weight, bias)
+    if hasattr(weight, "ds_id") or hasattr(weight, "device_mesh") or not isinstance(lm_head, torch.nn.Linear):
+        yield lm_head
+    else:
+        yield lambda h: F.linear(h, weight, bias)
 
 
 class _Linearized(torch.autograd.Function):

@@ -161,6 +161,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight of the control loss added to the ordinary losses (default 1.0)")
     p.add_argument("--control-seed", type=int, default=None, metavar="SEED",
                    help="seed that picks the commanded rows, their direction and phrasing (default: --seed)")
+    p.add_argument("--no-fused-loss", action="store_true",
+                   help="compute the losses from the base's full [batch, sequence, vocabulary] logits instead of chunk "
+                        "by chunk from the hidden states (autodeco/fused_loss.py); for bases with an unknown logit "
+                        "transform")
     p.add_argument("--trainer-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="set any other transformers.TrainingArguments field (repeatable), e.g. save_steps=50, "
                         "report_to=none, bf16=true; list fields take comma-separated values")
@@ -329,6 +333,9 @@ def cmd_train(args) -> dict:
 
     # Everything that can be wrong in the flags is checked before a model is loaded.
     overrides = parse_trainer_args(args.trainer_arg)
+    from autodeco.engines import check_engine_available  # issue 16 hook: before TrainingArguments needs the engine
+
+    check_engine_available(overrides.get("deepspeed"))
     control = _control_options(args)
     resume = args.resume
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
@@ -370,7 +377,7 @@ def cmd_train(args) -> dict:
     model = load_model_for_training(args, is_autodeco=not fresh, use_cpu=training_args.use_cpu)
 
     trainer = AutoDecoTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                              **trainer_kwargs)
+                              fused_loss=not getattr(args, "no_fused_loss", False), **trainer_kwargs)
     result = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     trainer.save_model(args.output_dir)
     if control is not None and main_process:

@@ -97,6 +97,9 @@ from transformers.integrations import is_tensorboard_available
 
 from autodeco.control import completion_means, control_margin_loss
 from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion
+from autodeco.engines import (EngineReport, check_deepspeed_batch_sizes, check_engine_available, cpu_fsdp2,
+                              default_use_cpu)
+from autodeco.fused_loss import supports_fused_loss
 from autodeco.modeling import HEADS_WEIGHTS_NAME, AutoDecoModelForCausalLM
 
 __all__ = [
@@ -175,6 +178,9 @@ def build_training_arguments(output_dir: str | os.PathLike, **overrides) -> Trai
     kwargs = dict(DEFAULT_TRAINING_ARGUMENTS)
     kwargs["report_to"] = "tensorboard" if is_tensorboard_available() else "none"
     kwargs["dataloader_pin_memory"] = torch.cuda.is_available()  # pinning without a GPU only draws a warning
+    # Issue 16 hook (autodeco/engines.py): without a GPU, train on CPU processes, so the shipped accelerate configs
+    # (DeepSpeed included, whose PartialState would otherwise see one process) work unchanged on a CPU machine.
+    kwargs["use_cpu"] = default_use_cpu()
     kwargs.update(overrides)
     kwargs.update(FORCED_TRAINING_ARGUMENTS)
     return TrainingArguments(output_dir=str(output_dir), **kwargs)
@@ -212,7 +218,7 @@ class AutoDecoTrainer(Trainer):
 
     def __init__(self, model: AutoDecoModelForCausalLM | None = None, args: TrainingArguments | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None, *,
-                 control_margin: float = 0.1, control_weight: float = 1.0, **kwargs):
+                 control_margin: float = 0.1, control_weight: float = 1.0, fused_loss: bool = True, **kwargs):
         if not (isinstance(control_margin, (int, float)) and control_margin >= 0):
             raise ValueError(f"control_margin (--control-margin) must be a number >= 0, got {control_margin!r}; e.g. 0.1.")
         if not (isinstance(control_weight, (int, float)) and control_weight >= 0):
@@ -240,6 +246,14 @@ class AutoDecoTrainer(Trainer):
             )
         if data_collator is None and processing_class is not None:
             data_collator = DataCollatorForCompletion(processing_class)
+        # Issue 16 hooks (autodeco/engines.py): a missing engine names its extra; a DeepSpeed JSON whose batch sizes
+        # disagree with ours is one line on every rank, before any collective could hang.
+        check_engine_available(args.deepspeed)
+        check_deepspeed_batch_sizes(args)
+        # Issue 16 hook (autodeco/fused_loss.py): training forwards compute the losses from the hidden states,
+        # never the [B, S, V] logits; False keeps the full-logits path.
+        self.fused_loss = bool(fused_loss)
+        self.engine_info = None  # set when training begins (EngineReport), e.g. "Engine: FSDP2 on 2 processes; ..."
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         # Our compute_loss normalises by num_items_in_batch, so have the Trainer count it (it only does for models
@@ -248,6 +262,12 @@ class AutoDecoTrainer(Trainer):
         self._loss_shifts_labels = True
         self._window: torch.Tensor | None = None  # [_SLOTS] float64 sums over the current logging window
         self._window_has = {"temperature_loss": False, "top_p_loss": False}
+        self.add_callback(EngineReport(self))  # issue 16 hook: the first training log line names the engine
+
+    def create_accelerator_and_postprocess(self):
+        # Issue 16 hook (autodeco/engines.py): FSDP2 on CPU processes, which accelerate would silently run as DDP.
+        with cpu_fsdp2():
+            return super().create_accelerator_and_postprocess()
 
     # ------------------------------------------------------------------ loss
 
@@ -260,7 +280,8 @@ class AutoDecoTrainer(Trainer):
         if pairs is not None:
             inputs = {k: v for k, v in inputs.items() if k != "control_pairs"}
         labels = inputs["labels"]  # [B, S], unshifted
-        outputs = model(**inputs)
+        fused = self.fused_loss and unwrapped.training and supports_fused_loss(unwrapped)
+        outputs = model(**inputs, fused_loss=True) if fused else model(**inputs)  # issue 16 hook
         loss = outputs.loss  # scalar: temperature_loss + top_p_loss, each a mean over this micro-batch's tokens
         supervised = labels[:, 1:] != IGNORE_INDEX  # [B, S-1]: position i predicts label i + 1
         n_micro = supervised.sum()
