@@ -40,8 +40,9 @@ __all__ = ["FusedHeadOutput", "FusedLossError", "LogitTransform", "check_logit_t
            "fused_head_losses", "logit_transform", "supports_fused_loss"]
 
 
-class FusedLossError(RuntimeError):
-    """The base cannot be trained with the fused loss (pass fused_loss=False to use the full logits)."""
+class FusedLossError(ValueError):
+    """The base cannot be trained with the fused loss (fused_loss=False uses the full logits). A ValueError, so
+    the CLI reports it in one line."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ under ZeRO-3 / FSDP2), checkpoints are heads-only and load with from_pretrained,
 with SIGKILL resumes to the same heads. Bad input: a DeepSpeed JSON whose batch sizes disagree with the
 trainer's ends in one line on every rank, and a missing DeepSpeed names the extra to install.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_engines_distributed.py   # ~4-6 min on 2 busy cores
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_engines_distributed.py   # ~5 min on 2 busy cores
+
+Measured on 2 busy cores: each engine's run 25-65 s, each resume 55-60 s (two launches; the ZeRO-2 one is marked
+slow, ZeRO-3's runs by default), the documented command 50 s, the batch-size mismatch 45 s.
 
 DeepSpeed compiles a C++ extension on its first distributed init (about 1 min on an idle 2-core machine, 3-7 min
 on a busy one), cached in $TORCH_EXTENSIONS_DIR; unset, these tests use <venv>/torch_extensions (under `make
@@ -161,7 +164,7 @@ def test_engine_matches_one_process_and_keeps_the_base_frozen(setup, engine):
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("engine", ["deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("engine", [pytest.param("deepspeed_zero2", marks=pytest.mark.slow), "deepspeed_zero3"])
 def test_deepspeed_resume_after_kill_continues_to_the_same_heads(setup, engine):
     root, base, data, reference = setup
     out = root / f"{engine}-killed"
@@ -206,7 +209,8 @@ def test_deepspeed_batch_size_mismatch_is_one_line_not_a_hang(setup, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("autodeco train: error: ")]
     assert len(errors) == 2, proc.stderr[-3000:]  # one line per rank, the same line
     assert errors[0] == errors[1] and "train_micro_batch_size_per_gpu=4 but the trainer uses 1" in errors[0]
-    assert "Traceback" not in proc.stderr
+    # No rank crashed with a traceback (the launcher's own ChildFailedError report for exit status 2 is all there is).
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
 
 
 def test_missing_deepspeed_names_the_extra(setup, monkeypatch, capsys):
