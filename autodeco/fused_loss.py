@@ -146,12 +146,17 @@ def fused_head_losses(hidden, labels, *, lm_head, transform, temperature_head, t
     temperature_loss(z[:, :-1], T[:, :-1], labels[:, 1:]) + soft_top_p_loss(...), with the same easy-token
     draws (one torch.rand over the supervised positions, in the same order, from `generator`).
     """
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
+    device = hidden.device.type
+    # The logits as the base computes them (under the caller's autocast, e.g. Trainer bf16=True); the heads and
+    # losses in float32, as AutoDecoModelForCausalLM.forward does.
+    base_autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    with torch.autocast(device_type=device, enabled=False):
         return _fused_float32(hidden, labels, lm_head, transform, temperature_head, top_p_head, config,
-                              chunk_rows, generator)
+                              chunk_rows, generator, base_autocast)
 
 
-def _fused_float32(hidden, labels, lm_head, transform, temperature_head, top_p_head, config, chunk_rows, generator):
+def _fused_float32(hidden, labels, lm_head, transform, temperature_head, top_p_head, config, chunk_rows, generator,
+                   base_autocast=(False, None)):
     batch, seq, width = hidden.shape
     weight = lm_head.weight
     vocab = tuple(getattr(weight, "ds_shape", None) or weight.shape)[0]  # ZeRO-3 keeps the full shape in ds_shape
@@ -175,7 +180,8 @@ def _fused_float32(hidden, labels, lm_head, transform, temperature_head, top_p_h
     buffers = {k: torch.zeros(n, dtype=cdt, device=hidden.device)
                for k in ("t_nll", "t_dt", "t_w", "p_nll", "p_dt", "p_dp", "p_w")}
     argmax = torch.zeros(n, dtype=torch.long, device=hidden.device)
-    top_p_chunks = []
+    use_stats = top_p_head.use_stats
+    stats_all = torch.zeros(batch * seq, 4, dtype=torch.float32, device=hidden.device) if use_stats else None
     rows_per_chunk = chunk_rows or _rows_per_chunk(None, vocab)
     done = 0  # supervised rows handled so far
     with _projection(lm_head) as project:
@@ -184,10 +190,14 @@ def _fused_float32(hidden, labels, lm_head, transform, temperature_head, top_p_h
             h = flat_hidden[start:stop]
             t = flat_t[start:stop]
             with torch.no_grad():
-                logits = transform(project(h))  # [C, V], the base's dtype and ops
-                stats = distribution_stats(scale_logits(logits, t.detach())) if top_p_head.use_stats else None
-            p = top_p_head(h, t, stats)  # [C], grads -> top-p head
-            top_p_chunks.append(p)
+                with torch.autocast(device_type=h.device.type, enabled=base_autocast[0], dtype=base_autocast[1]):
+                    logits = transform(project(h))  # [C, V], the base's dtype and ops
+                stats = distribution_stats(scale_logits(logits, t.detach())) if use_stats else None
+                if use_stats:
+                    stats_all[start:stop] = stats
+                # P's values for this chunk's kernels. Nothing of a chunk outlives it (no autograd graph here): a
+                # small tensor kept per chunk would pin glibc's heap above each chunk's freed [C, V] buffers.
+                p = top_p_head(h, t, stats)  # [C]
             local = supervised[start:stop].nonzero().squeeze(1)
             c = local.numel()
             if c == 0:
@@ -196,21 +206,24 @@ def _fused_float32(hidden, labels, lm_head, transform, temperature_head, top_p_h
             done += c
             label = targets[start:stop][local]
             with torch.no_grad():
-                sup = logits[local]  # [c, V] fresh copy, consumed by the kernels
+                # [c, V] for the kernels, which consume their input: the chunk itself when every row is supervised
+                sup = logits if c == logits.shape[0] else logits[local]
+                del logits
                 if train_t:
                     nll, dt, w, am = _temperature_chunk(sup.clone() if train_p else sup, label, beta[span],
                                                         t_rows.requires_grad)
                     buffers["t_nll"][span], buffers["t_dt"][span], buffers["t_w"][span] = nll, dt, w
                     argmax[span] = am
                 if train_p:
-                    p_rows = p.detach()[local].to(cdt)
-                    need = t_rows.requires_grad or p.requires_grad
+                    p_rows = p[local].to(cdt)
+                    need = t_rows.requires_grad or any(q.requires_grad for q in top_p_head.parameters())
                     nll, dt, dp, w = _soft_top_p_chunk(sup, label, beta[span], p_rows, float(config.soft_top_p_alpha),
                                                        need)
                     for key, value in zip(("p_nll", "p_dt", "p_dp", "p_w"), (nll, dt, dp, w)):
                         buffers[key][span] = value
-            del logits, sup
-    top_p = torch.cat(top_p_chunks).reshape(batch, seq)
+            del sup
+    # P with its graph, in one call over every position, exactly as AutoDecoModelForCausalLM.forward computes it.
+    top_p = top_p_head(hidden, temperature, stats_all.reshape(batch, seq, 4) if use_stats else None)
     dft = bool(config.dft)
 
     temperature_loss = top_p_loss = None

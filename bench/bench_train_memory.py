@@ -101,7 +101,11 @@ def spawn(args, variant: str, tokens: int, save: str = "") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--variant", variant, "--tokens", str(tokens),
            "--layers", str(args.layers), "--vocab", str(args.vocab), "--seed", str(args.seed),
            "--threads", str(args.threads)] + (["--save", save] if save else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if args.malloc_mmap_threshold:
+        # glibc keeps freed [chunk, V] buffers in its heap (RSS stays high); a fixed mmap threshold returns them.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"  {variant:>5} {tokens:>6} tokens: peak extra {result['peak_extra_mb']:9.1f} MB, step {result['wall_s']:7.1f} s",
           flush=True)
@@ -122,6 +126,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=0, metavar="BYTES",
+                        help="set MALLOC_MMAP_THRESHOLD_ for the workers (e.g. 131072): the allocation peak without "
+                             "glibc's heap retention (default: glibc's defaults, what a user's process sees)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("today", "fused", "base"), help=argparse.SUPPRESS)
     parser.add_argument("--save", default="", help=argparse.SUPPRESS)
@@ -133,7 +140,8 @@ def main() -> None:
     lengths = [int(t) for t in args.tokens.split(",")]
     today_lengths = {int(t) for t in args.today_tokens.split(",") if t}
     print(f"Qwen2.5-0.5B-shaped random base, {args.layers} layers, vocabulary {args.vocab:,}, float32, "
-          f"{args.threads} threads, torch {torch.__version__}", flush=True)
+          f"{args.threads} threads, torch {torch.__version__}"
+          + (f", MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else ""), flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tokens in lengths:
