@@ -4,13 +4,15 @@ VENV   ?= .venv
 # The CPU wheel of torch; override (e.g. TORCH_SPEC="torch") on a machine with a GPU build available.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# DeepSpeed compiles a C++ extension on its first distributed init (tests/test_engines_distributed.py): cached here.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test,deepspeed]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -469,7 +469,7 @@ def test_train_heads_takes_a_loaded_model_and_a_dataset(tmp_path, dataset, token
     before = head_state(model)
     summary = train_heads(model, dataset, config, tokenizer=tokenizer)
     out = capsys.readouterr().out
-    assert "Engine: single process on cpu (parameters not sharded)." in out
+    assert "Engine: single process; parameters not sharded." in out
     assert summary["steps"] == 2 and summary["heads"] == "temperature" and "top_p_loss" not in summary
     assert (tmp_path / "out" / HEADS_WEIGHTS_NAME).is_file()
     after = head_state(model)

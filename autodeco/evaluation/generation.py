@@ -251,7 +251,6 @@ def generate_completions(model, tokenizer, requests: Sequence[GenerationRequest]
     return results  # type: ignore[return-value]
 
 
-@torch.no_grad()
 class Engine(Protocol):
     """A generation backend: what run_evaluation needs to sample a decoding method (the seam for vLLM).
 

@@ -25,6 +25,7 @@ from autodeco.config import AutoDecoConfig
 from autodeco.features import distribution_stats, scale_logits
 from autodeco.heads import TemperatureHead, TopPHead
 from autodeco.losses import soft_top_p_loss, temperature_loss
+from autodeco.modeling.fused_loss import fused_forward
 from autodeco.modeling.generation import AutoDecoGenerationMixin, _GenerationState, autodeco_generation_config
 from autodeco.modeling.io import HEAD_MODULES, AutoDecoIOMixin
 from autodeco.sampling import NUCLEUS_WINDOW
@@ -196,11 +197,14 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values=None,
+        fused_loss: bool = False,
         **kwargs,
     ) -> AutoDecoCausalLMOutput:
         """Base forward plus heads. Shapes: input_ids [B, S]; logits [B, K, V]; temperature, top_p [B, K], where K
         is the number of kept positions (`logits_to_keep`, 0 = all). `past_key_values` is accepted as the older
-        name of `cache`. With `labels` [B, S] the losses are computed (labels shifted as for any causal LM)."""
+        name of `cache`. With `labels` [B, S] the losses are computed (labels shifted as for any causal LM).
+        `fused_loss=True` (with labels; what AutoDecoTrainer passes in training) computes them chunk by chunk from
+        the final hidden states (modeling/fused_loss.py): logits then holds the last position only [B, 1, V]."""
         if past_key_values is not None:
             if cache is not None:
                 raise ValueError("Pass either `cache` or `past_key_values` (its older name), not both.")
@@ -222,6 +226,8 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
             base_kwargs["logits_to_keep"] = logits_to_keep
         if not self._hidden_from_hook:
             base_kwargs["output_hidden_states"] = True
+        if fused_loss and labels is not None and state is None:
+            return self._fused_forward(base_kwargs, labels, logits_to_keep)
         self._hidden_capture.value = None
         try:
             outputs = self.llm(**base_kwargs)
@@ -261,6 +267,18 @@ class AutoDecoModelForCausalLM(AutoDecoIOMixin, AutoDecoGenerationMixin, PreTrai
             top_p=top_p,
             temperature_loss=temperature_loss,
             top_p_loss=top_p_loss,
+        )
+
+    def _fused_forward(self, base_kwargs: dict, labels: torch.Tensor, logits_to_keep) -> AutoDecoCausalLMOutput:
+        """forward(labels=..., fused_loss=True): the losses without the [B, S, V] logits (modeling/fused_loss.py)."""
+        if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("Training with `labels` needs logits at every position: leave logits_to_keep=0.")
+        base_kwargs = {k: v for k, v in base_kwargs.items() if k != "logits_to_keep"}
+        outputs, heads = fused_forward(self, base_kwargs, labels, chunk_rows=getattr(self, "fused_loss_chunk_rows", None))
+        return AutoDecoCausalLMOutput(
+            loss=heads.loss, logits=outputs.logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            hidden_states=None, attentions=outputs.attentions, temperature=heads.temperature, top_p=heads.top_p,
+            temperature_loss=heads.temperature_loss, top_p_loss=heads.top_p_loss,
         )
 
     def _losses(self, logits, temperature, top_p, labels, logits_to_keep):

@@ -17,11 +17,11 @@ from autodeco.training.arguments import (
 )
 from autodeco.control import CONTROL_SETTINGS_NAME, load_control_settings, save_control_settings
 from autodeco.training.train import load_model_for_training, train_heads
+from autodeco.training.engines import describe_engine
 from autodeco.training.trainer import (
     CONTROL_LOGGED_METRICS,
     LOGGED_METRICS,
     AutoDecoTrainer,
-    describe_engine,
     head_state,
     prepare_model_for_training,
     trainable_parameter_names,

@@ -20,6 +20,8 @@ from transformers import TrainingArguments
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 
+from autodeco.training.engines import default_use_cpu
+
 __all__ = [
     "AutoDecoTrainingArguments",
     "DEFAULT_TRAINING_ARGUMENTS",
@@ -80,6 +82,9 @@ class AutoDecoTrainingArguments(TrainingArguments):
         "where logs go; default tensorboard when it is installed, else none"))
     dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available, metadata=_help(
         "pin batches in memory; default only with CUDA (pinning without a GPU only draws a warning)"))
+    use_cpu: bool = field(default_factory=default_use_cpu, metadata=_help(
+        "train on CPU processes; default True when torch sees no accelerator, so the shipped accelerate configs "
+        "(DeepSpeed included, which would otherwise see one process) work unchanged on a CPU-only machine"))
     remove_unused_columns: bool = field(default=False, metadata=_help(
         "fixed False for AutoDeco: the collator's batch goes to the model as is"))
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata=_help(
@@ -112,6 +117,9 @@ class AutoDecoTrainingArguments(TrainingArguments):
         "least this much in the command's direction (default 0.1)"))
     control_weight: float = field(default=1.0, metadata=_help(
         "weight of the control loss added to the ordinary losses (default 1.0)"))
+    fused_loss: bool = field(default=True, metadata=_help(
+        "compute the head losses chunk by chunk from the final hidden states, never holding the base's [batch, "
+        "sequence, vocabulary] logits (docs/training.md); --no-fused-loss keeps the full-logits path"))
     control_seed: int | None = field(default=None, metadata=_help(
         "seed that picks the commanded rows, their direction and phrasing (default: seed)"))
 

@@ -25,7 +25,7 @@ from autodeco.data import AutoDecoDataset
 from autodeco.modeling import AutoDecoModelForCausalLM
 from autodeco.training.arguments import AutoDecoTrainingArguments
 from autodeco.control import save_control_settings
-from autodeco.training.trainer import CONTROL_LOGGED_METRICS, AutoDecoTrainer, describe_engine
+from autodeco.training.trainer import CONTROL_LOGGED_METRICS, AutoDecoTrainer
 
 __all__ = ["load_model_for_training", "train_heads"]
 
@@ -158,9 +158,7 @@ def train_heads(model, data: str | os.PathLike | Sequence[str | os.PathLike] | A
     model = load_model_for_training(model, config, fresh=fresh, dtype=dtype, trust_remote_code=trust_remote_code)
 
     trainer = AutoDecoTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                              **trainer_kwargs)
-    if main_process:
-        print(f"Engine: {describe_engine(trainer)}.", flush=True)
+                              fused_loss=config.fused_loss, **trainer_kwargs)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(output_dir)
     if control is not None and config.process_index == 0:

@@ -9,8 +9,8 @@ What it overrides: only the heads train (the base is frozen and kept in eval mod
 the exact mean over every supervised token of the optimizer step, whatever the split into micro-batches and
 processes; the logs gain the heads' losses and mean T / P (and the decoding-control metrics when the batches
 carry `control_pairs`); checkpoints hold the heads only and resume loads them with `load_heads`.
-`describe_engine(trainer)` names the engine (DDP / DeepSpeed ZeRO stage / FSDP / one process) and what is
-sharded. Full explanation: docs/training.md.
+When training begins, one line names the engine (single / DDP / DeepSpeed ZeRO stage / FSDP2) and whether
+parameters are sharded (training/engines.py). Full explanation: docs/training.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from transformers import Trainer, TrainingArguments
 
 from autodeco.losses import completion_means, control_margin_loss
 from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion
+from autodeco.training.engines import EngineReport, check_deepspeed_batch_sizes, check_engine_available, cpu_fsdp2
+from autodeco.modeling.fused_loss import supports_fused_loss
 from autodeco.modeling import HEADS_WEIGHTS_NAME, AutoDecoModelForCausalLM
 from autodeco.training.arguments import FORCED_TRAINING_ARGUMENTS, build_training_arguments
 
@@ -30,7 +32,6 @@ __all__ = [
     "AutoDecoTrainer",
     "CONTROL_LOGGED_METRICS",
     "LOGGED_METRICS",
-    "describe_engine",
     "head_state",
     "prepare_model_for_training",
     "trainable_parameter_names",
@@ -50,10 +51,6 @@ _TOKENS, _T_LOSS, _P_LOSS, _T_SUM, _P_SUM = range(5)
 # Control slots: pairs, sum of per-pair margin losses, pairs on the right side (T, P), sums of signed deltas (T, P).
 _PAIRS, _C_LOSS, _T_CONS, _P_CONS, _T_DELTA, _P_DELTA = range(5, 11)
 _SLOTS = 11
-
-# What each DeepSpeed ZeRO stage partitions across processes.
-_ZERO_SHARDS = {0: "nothing sharded", 1: "optimizer states sharded", 2: "optimizer states and gradients sharded",
-                3: "parameters, gradients and optimizer states sharded"}
 
 
 def prepare_model_for_training(model: AutoDecoModelForCausalLM) -> None:
@@ -88,7 +85,7 @@ class AutoDecoTrainer(Trainer):
 
     def __init__(self, model: AutoDecoModelForCausalLM | None = None, args: TrainingArguments | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None, *,
-                 control_margin: float = 0.1, control_weight: float = 1.0, **kwargs):
+                 control_margin: float = 0.1, control_weight: float = 1.0, fused_loss: bool = True, **kwargs):
         if not (isinstance(control_margin, (int, float)) and control_margin >= 0):
             raise ValueError(f"control_margin (--control-margin) must be a number >= 0, got {control_margin!r}; e.g. 0.1.")
         if not (isinstance(control_weight, (int, float)) and control_weight >= 0):
@@ -116,6 +113,14 @@ class AutoDecoTrainer(Trainer):
             )
         if data_collator is None and processing_class is not None:
             data_collator = DataCollatorForCompletion(processing_class)
+        # Issue 16 hooks (autodeco/training/engines.py): a missing engine names its extra; a DeepSpeed JSON whose batch sizes
+        # disagree with ours is one line on every rank, before any collective could hang.
+        check_engine_available(args.deepspeed)
+        check_deepspeed_batch_sizes(args)
+        # Issue 16 hook (autodeco/modeling/fused_loss.py): training forwards compute the losses from the hidden states,
+        # never the [B, S, V] logits; False keeps the full-logits path.
+        self.fused_loss = bool(fused_loss)
+        self.engine_info = None  # set when training begins (EngineReport), e.g. "Engine: FSDP2 on 2 processes; ..."
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         # Our compute_loss normalises by num_items_in_batch, so have the Trainer count it (it only does for models
@@ -124,6 +129,12 @@ class AutoDecoTrainer(Trainer):
         self._loss_shifts_labels = True
         self._window: torch.Tensor | None = None  # [_SLOTS] float64 sums over the current logging window
         self._window_has = {"temperature_loss": False, "top_p_loss": False}
+        self.add_callback(EngineReport(self))  # issue 16 hook: the first training log line names the engine
+
+    def create_accelerator_and_postprocess(self):
+        # Issue 16 hook (autodeco/training/engines.py): FSDP2 on CPU processes, which accelerate would silently run as DDP.
+        with cpu_fsdp2():
+            return super().create_accelerator_and_postprocess()
 
     # ------------------------------------------------------------------ loss
 
@@ -136,7 +147,8 @@ class AutoDecoTrainer(Trainer):
         if pairs is not None:
             inputs = {k: v for k, v in inputs.items() if k != "control_pairs"}
         labels = inputs["labels"]  # [B, S], unshifted
-        outputs = model(**inputs)
+        fused = self.fused_loss and unwrapped.training and supports_fused_loss(unwrapped)
+        outputs = model(**inputs, fused_loss=True) if fused else model(**inputs)  # issue 16 hook
         loss = outputs.loss  # scalar: temperature_loss + top_p_loss, each a mean over this micro-batch's tokens
         supervised = labels[:, 1:] != IGNORE_INDEX  # [B, S-1]: position i predicts label i + 1
         n_micro = supervised.sum()
@@ -262,23 +274,3 @@ class AutoDecoTrainer(Trainer):
 def head_state(model: AutoDecoModelForCausalLM) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the heads' tensors (for comparisons in tests and scripts)."""
     return {k: v.detach().cpu().clone() for k, v in model.heads_state_dict().items()}
-
-
-def describe_engine(trainer: Trainer) -> str:
-    """One line naming the engine this trainer runs on and whether parameters are sharded (issue 16: a silent
-    fallback, e.g. FSDP dropped to DDP on CPU, shows here)."""
-    n = trainer.args.world_size
-    processes = f"{n} process{'es' if n > 1 else ''}"
-    if trainer.is_deepspeed_enabled:
-        stage = int(trainer.accelerator.state.deepspeed_plugin.zero_stage)
-        return (f"DeepSpeed ZeRO stage {stage} over {processes} ({_ZERO_SHARDS.get(stage, 'unknown stage')}; "
-                f"parameters {'sharded' if stage == 3 else 'not sharded'})")
-    if trainer.is_fsdp_enabled:
-        plugin = trainer.accelerator.state.fsdp_plugin
-        version = getattr(plugin, "fsdp_version", 1)
-        strategy = getattr(plugin, "sharding_strategy", None)
-        detail = f", {getattr(strategy, 'name', strategy)}" if version == 1 and strategy is not None else ""
-        return f"FSDP{version} over {processes} (parameters sharded{detail})"
-    if n > 1:
-        return f"DDP over {processes} on {trainer.args.device.type} (parameters replicated, not sharded)"
-    return f"single process on {trainer.args.device.type} (parameters not sharded)"
