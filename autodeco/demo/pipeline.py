@@ -17,7 +17,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from accelerate import PartialState
@@ -27,6 +27,7 @@ from autodeco.modeling.io import load_tokenizer, resolve_dtype
 from autodeco.atomic import write_json_atomic, write_text_atomic
 from autodeco.demo import tasks
 from autodeco.demo.base import BASE_MODEL_DIR, DEMO_TEMPLATE, BaseTrainingConfig, render_prompt, train_base
+from autodeco.demo.settings import FULL, QUICK, DemoSettings
 from autodeco.demo.report import control_verdicts, environment, family_table, report_markdown, results_table, verdicts
 from autodeco.evaluation.benchmarks import load_benchmark
 from autodeco.evaluation.control import evaluate_control
@@ -40,31 +41,6 @@ __all__ = ["DemoSettings", "FULL", "QUICK", "run_demo", "DEMO_METHODS"]
 
 DEMO_METHODS = ("greedy, default, oracle, meanshift, autodeco-temperature-only, autodeco-top-p-only, min_p:0.1, edt, "
                 "autodeco")
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    train_problems: int = 1500  # problems sampled for the heads' training data (train split)
-    samples_per_problem: int = 4
-    max_per_problem: int = 2
-    test_problems: int = 200  # held-out problems the methods are evaluated on (test split)
-    heads_steps: int = 400
-    heads_batch_size: int = 16
-    heads_learning_rate: float = 1e-3
-    control_share: float = 0.5
-    control_prompts: int = 100
-    n: int = 4  # samples per problem and seed
-    seeds: int = 3
-    oracle_n: int = 2
-    oracle_seeds: int = 2
-    max_new_tokens: int = 128
-    generation_batch_size: int = 256
-    seed: int = 0
-
-
-FULL = DemoSettings()
-QUICK = DemoSettings(train_problems=240, test_problems=40, heads_steps=60, control_prompts=20, n=2, seeds=2,
-                     oracle_n=1, oracle_seeds=1)
 
 
 class _Steps:

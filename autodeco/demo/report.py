@@ -10,15 +10,13 @@ import platform
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from autodeco.demo import tasks
+from autodeco.demo.settings import DemoSettings
 from autodeco.evaluation.control import control_markdown
 
-if TYPE_CHECKING:
-    from autodeco.demo.pipeline import DemoSettings
 
 __all__ = ["CONTROL_GOAL", "control_verdicts", "environment", "family_table", "report_markdown", "results_table",
            "verdicts"]
