@@ -6,16 +6,18 @@
 
 Each write goes to a temporary file in the target's directory, is flushed and fsynced, then renamed over the
 target with os.replace (atomic on POSIX and Windows); on any error the temporary file is removed and the old
-target, if any, is left untouched.
+target, if any, is left untouched. `atomic_directory` does the same for a whole new directory (merge, convert).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 
 def _umask() -> int:
@@ -48,3 +50,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Yield a staging directory beside `path`; when the block succeeds it is renamed to `path` (which must be
+    absent or empty), otherwise it is removed. `what` names the command in the refusal of a non-empty `path`."""
+    target = Path(path)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{what}: '{target}' exists and is not empty; choose a new directory so nothing is "
+                              "overwritten.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{what}."))
+    try:
+        yield staging
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

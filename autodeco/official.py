@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import cached_file
 
+from autodeco.atomic import atomic_directory
 from autodeco.config import AutoDecoConfig
 
 # Our head module names -> the official ones (the MLP indices 0 and 2 are the same in both).
@@ -427,13 +427,9 @@ def convert(model_dir, output_dir, to: str = "autodeco") -> Path:
     source, target = Path(model_dir), Path(output_dir)
     if not source.is_dir():
         raise FileNotFoundError(f"convert: '{source}' is not a local directory.")
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"convert: '{target}' exists and is not empty; choose a new directory.")
     raw = read_config_dict(str(source))
     official = is_official_config(raw)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.converting."))
-    try:
+    with atomic_directory(target, "convert") as staging:
         if to == "official":
             if official:
                 raise ValueError(f"convert: '{source}' is already in the official format.")
@@ -457,10 +453,4 @@ def convert(model_dir, output_dir, to: str = "autodeco") -> Path:
                 _rename_weights(layout.shard_files, layout.index_file, staging, to_autodeco_key, None)
             (staging / "config.json").write_text(config.to_json_string(use_diff=True), encoding="utf-8")
         _copy_extras(source, staging, skip=lambda name: name in OFFICIAL_HEADS_NAMES)
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
-from autodeco.atomic import atomic_write, write_text_atomic
+from autodeco.atomic import atomic_directory, atomic_write, write_text_atomic
 from autodeco import official
 from autodeco.config import AutoDecoConfig
 
@@ -197,22 +195,9 @@ class AutoDecoIOMixin:
 
     def merge(self, save_directory, *, max_shard_size: str | int = "5GB") -> None:
         """Write a self-contained directory: base weights and heads in model.safetensors (sharded if large)."""
-        target = Path(save_directory)
-        if target.exists() and any(target.iterdir()):
-            raise FileExistsError(
-                f"merge: '{target}' exists and is not empty; choose a new directory so nothing is overwritten."
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.merging."))
-        try:
+        with atomic_directory(save_directory, "merge") as staging:
             self.config.architectures = [type(self).__name__]
             PreTrainedModel.save_pretrained(self, staging, max_shard_size=max_shard_size)
-            if target.exists():
-                target.rmdir()
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def split(self, save_directory, *, base_output_dir=None) -> None:
         """Write the heads-only layout. With `base_output_dir`, also save the base there and record it as the base."""
