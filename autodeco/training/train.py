@@ -19,12 +19,11 @@ from typing import Sequence
 
 from transformers import AutoConfig, PreTrainedModel
 
-from autodeco.modeling.io import check_model_source, load_tokenizer, resolve_dtype
-from autodeco.control import ControlDataset, DataCollatorWithControl
-from autodeco.data import AutoDecoDataset
-from autodeco.modeling import AutoDecoModelForCausalLM
-from autodeco.training.arguments import AutoDecoTrainingArguments
 from autodeco.control import save_control_settings
+from autodeco.data import AutoDecoDataset, ControlDataset, DataCollatorWithControl
+from autodeco.modeling import AutoDecoModelForCausalLM
+from autodeco.modeling.io import check_model_source, load_tokenizer, resolve_dtype
+from autodeco.training.arguments import AutoDecoTrainingArguments
 from autodeco.training.trainer import CONTROL_LOGGED_METRICS, AutoDecoTrainer, describe_engine
 
 __all__ = ["load_model_for_training", "train_heads"]
