@@ -184,12 +184,9 @@ def _fill_last(value):
 
 
 BAD_HEADS = [
-    pytest.param(_int64, (HEADS_FILE, "int64", "float"), id="int64-heads",
-                 marks=xfail("from_pretrained: validation.validate_model_dir(path) first (head dtypes)")),
-    pytest.param(_fill_last(float("-inf")), (HEADS_FILE, "temperature_head", "inf|finite"), id="minus-inf-heads",
-                 marks=xfail("from_pretrained: validation.validate_model_dir(path) first (finite heads)")),
-    pytest.param(_fill_last(float("nan")), (HEADS_FILE, "temperature_head", "NaN|nan|finite"), id="nan-heads",
-                 marks=xfail("from_pretrained: validation.validate_model_dir(path) first (finite heads)")),
+    pytest.param(_int64, (HEADS_FILE, "int64", "float"), id="int64-heads"),
+    pytest.param(_fill_last(float("-inf")), (HEADS_FILE, "temperature_head", "inf|finite"), id="minus-inf-heads"),
+    pytest.param(_fill_last(float("nan")), (HEADS_FILE, "temperature_head", "NaN|nan|finite"), id="nan-heads"),
     pytest.param(lambda t: t.update({"temperature_head.mlp.2.bias": torch.zeros(2)}), (HEADS_FILE, "shape"),
                  id="mis-shaped-head"),
     pytest.param(lambda t: {k: v for k, v in t.items() if not k.startswith("top_p_head.")}, (HEADS_FILE, "top_p_head"),
@@ -211,7 +208,6 @@ BAD_HEADS_FILES = [
 ]
 
 
-@xfail("from_pretrained: validation.validate_model_dir(path) first (safetensors readable, file named)")
 @pytest.mark.parametrize("corrupt", BAD_HEADS_FILES)
 def test_corrupt_heads_file_names_the_file(model, corrupt):
     path = model / HEADS_FILE
@@ -225,15 +221,13 @@ def _drop(field):
 
 BAD_CONFIGS = [
     pytest.param(lambda c: c.update(top_p_features="false"), ("config.json", "top_p_features", "'false'|\"false\"", "true or false"),
-                 id="bool-as-string", marks=xfail("from_pretrained: validation.validate_model_dir(path) first (config types)")),
+                 id="bool-as-string"),
     pytest.param(lambda c: c.update(max_temperature="hot"), ("config.json", "max_temperature", "hot"),
-                 id="number-as-string", marks=xfail("from_pretrained: validation.validate_model_dir(path) first (config types)")),
-    pytest.param(lambda c: c.update(head_hidden_size=2.5), ("config.json", "head_hidden_size", "2.5"), id="float-width",
-                 marks=xfail("from_pretrained: validation.validate_model_dir(path) first (config.json named)")),
+                 id="number-as-string"),
+    pytest.param(lambda c: c.update(head_hidden_size=2.5), ("config.json", "head_hidden_size", "2.5"), id="float-width"),
     pytest.param(lambda c: c.update(max_temperature=-1), ("max_temperature", "-1"), id="negative-max-temperature"),
     pytest.param(lambda c: (c.pop("hidden_size"), c.pop("base_config")), ("config.json", "hidden_size"),
-                 id="no-hidden-size-nor-base-config",
-                 marks=xfail("from_pretrained: validation.validate_model_dir(path) first (required fields)")),
+                 id="no-hidden-size-nor-base-config"),
     pytest.param(_drop("base_model_name_or_path"), ("config.json", "base_model_name_or_path"), id="no-base-recorded"),
     pytest.param(lambda c: c.update(hidden_size=32), ("hidden_size", "32", "64"), id="hidden-size-mismatch"),
 ]
@@ -252,7 +246,6 @@ def test_hidden_size_may_come_from_the_recorded_base_config(model):
     assert code == 0, err
 
 
-@xfail("from_pretrained: validation.validate_model_dir(path) first (config.json parses)")
 def test_config_not_valid_json(model):
     (model / "config.json").write_text('{"model_type": "autodeco", ')
     assert_user_error(generate(model), re.escape(str(model / "config.json")), "JSON", command="generate")
@@ -263,13 +256,11 @@ def test_missing_heads_file(model):
     assert_user_error(generate(model), HEADS_FILE, command="generate")
 
 
-@xfail("from_pretrained: validation.validate_model_dir(path) first (recorded base not itself)")
 def test_base_pointing_at_the_heads_directory_itself(model):
     edit_config(model, lambda c: c.update(base_model_name_or_path=str(model)))
     assert_user_error(generate(model), "base_model_name_or_path", re.escape(str(model)), command="generate")
 
 
-@xfail("from_base: validation.validate_base_dir(name) for a local base (not an AutoDeco dir)")
 def test_init_on_an_autodeco_directory_is_refused(heads, tmp_path):
     assert_user_error(run_cli(["init", "--base", heads, "--output-dir", tmp_path / "o"]), re.escape(str(heads)),
                       "AutoDeco", command="init")
@@ -277,7 +268,7 @@ def test_init_on_an_autodeco_directory_is_refused(heads, tmp_path):
 
 @pytest.mark.parametrize("command", [
     "generate",
-    pytest.param("init", marks=xfail("from_base: validation.validate_base_dir(name) for a local base (a file)")),
+    "init",
     "train",
     "eval",
 ])
@@ -306,8 +297,6 @@ def test_hub_name_without_network(command, tmp_path, train_data):
     assert_user_error(run_cli(argv), re.escape(name), command=command)
 
 
-@xfail("from_base: validation.validate_base_dir(name) for a local base (only safetensors), "
-       "before AutoModelForCausalLM.from_pretrained")
 def test_base_with_only_pytorch_model_bin_is_refused_before_torch_load(base, tmp_path, monkeypatch):
     pickled = Path(shutil.copytree(base, tmp_path / "pickled"))
     state = load_file(str(pickled / "model.safetensors"))

@@ -28,7 +28,7 @@ def model_type(name: str, *, what: str = "a model directory") -> str | None:
 
     A path that does not exist is taken as a hub name only if it looks like one ("org/name")."""
     path = Path(name).expanduser()
-    if check_model_source(str(path), "--model", fix=f"Pass {what} (or a hub name).") == "hub":
+    if check_model_source(str(path), "--model", fix=f"Pass {what} (or a hub name).", directory=True) == "hub":
         return None
     config = path / "config.json"
     if not config.is_file():

@@ -46,7 +46,7 @@ def _model_config(name: str, trust_remote_code: bool) -> dict:
             return json.loads(config_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"--model '{name}': config.json is not valid JSON ({exc}).") from None
-    check_model_source(str(path), "--model", fix="Pass a model directory or a hub name.")
+    check_model_source(str(path), "--model", fix="Pass a model directory or a hub name.", directory=True)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).to_dict()
     except OSError as exc:
