@@ -334,7 +334,6 @@ def test_base_with_only_pytorch_model_bin_is_refused_before_torch_load(base, tmp
 # ------------------------------------------------------------------------------------------------ train
 
 
-@xfail("data rows reader (load_examples) or cli train: validation.check_input_file(path, '--data') per file")
 def test_train_data_is_a_directory(base, tmp_path):
     result = run_cli(["train", "--model", base, "--data", tmp_path, "--output-dir", tmp_path / "o", "--max-steps", 1])
     assert_user_error(result, re.escape(str(tmp_path)), "is a directory", command="train")
@@ -355,8 +354,6 @@ def test_train_non_utf8_data_names_file_and_line(base, tmp_path):
     assert_user_error(result, re.escape(str(data)), "(line |:)2\\b", "UTF-8", command="train")
 
 
-@xfail("training (cli train / train_heads): resuming a checkpoint at global_step == max_steps trains nothing and "
-       "writes no checkpoint-(max_steps+1)")
 def test_resume_from_the_final_checkpoint_trains_nothing_more(base, train_data, tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--model", base, "--data", train_data, "--output-dir", out, "--max-steps", 2, *TRAIN_FAST,
@@ -371,6 +368,17 @@ def test_resume_from_the_final_checkpoint_trains_nothing_more(base, train_data, 
     assert "for 2 steps" in stdout, stdout
     after = load_file(str(out / HEADS_FILE))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_second_train_on_a_locked_output_directory_refuses(base, train_data, tmp_path):
+    from autodeco.locks import OutputDirLock
+
+    out = tmp_path / "run"
+    with OutputDirLock(out, "train"):
+        result = run_cli(["train", "--model", base, "--data", train_data, "--output-dir", out, "--max-steps", 1,
+                          *TRAIN_FAST])
+        assert [p.name for p in out.iterdir()] == [".autodeco.lock"]  # nothing written by the refused run
+    assert_user_error(result, re.escape(str(out)), str(os.getpid()), "autodeco train", command="train")
 
 
 def test_train_bad_row_names_file_and_line(base, tmp_path):
