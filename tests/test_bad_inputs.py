@@ -403,8 +403,6 @@ def test_eval_non_utf8_benchmark_names_file_and_line(heads, tmp_path):
     assert_user_error(eval_cli(heads, bench, tmp_path / "out"), re.escape(str(bench)), "(line |:)2\\b", "UTF-8", command="eval")
 
 
-@xfail("evaluation runner (before any generation): validation.check_prompt_fits(problem id, prompt tokens, "
-       "context) over every prompt; never truncate")
 def test_eval_prompt_longer_than_the_context_is_refused_before_generation(heads, tmp_path):
     bench = write_jsonl(tmp_path / "long.jsonl", [{"id": "short", "problem": "1+1?", "gt": "2"},
                                                   {"id": "huge", "problem": "x" * (2 * CONTEXT), "gt": "1"}])
@@ -437,8 +435,6 @@ def test_eval_benchmark_that_is_a_directory(heads, tmp_path):
 # ------------------------------------------------------------------------------------------------ eval: records
 
 
-@xfail("evaluation runner.run_evaluation / cli eval: hold autodeco.locks.OutputDirLock(output_dir, 'eval') "
-       "for the whole run")
 def test_second_eval_on_a_locked_output_directory_refuses(heads, bench, tmp_path):
     from autodeco.locks import OutputDirLock
 
@@ -448,6 +444,26 @@ def test_second_eval_on_a_locked_output_directory_refuses(heads, bench, tmp_path
         result = eval_cli(heads, bench, out)
     assert_user_error(result, re.escape(str(out)), str(os.getpid()), command="eval")
     assert read_records(out) == []
+
+
+DATA_FAST = ("--n", 2, "--max-new-tokens", 6, "--batch-size", 2, "--seed", 0, "--device", "cpu", "--no-progress")
+
+
+def test_second_data_on_a_locked_output_directory_refuses(heads, bench, tmp_path):
+    from autodeco.locks import OutputDirLock
+
+    out = tmp_path / "data"
+    with OutputDirLock(out, "data"):
+        result = run_cli(["data", "--model", heads, "--problems", bench, "--output", out / "train.jsonl", *DATA_FAST])
+        assert [p.name for p in out.iterdir()] == [".autodeco.lock"]  # no samples file, no output
+    assert_user_error(result, re.escape(str(out)), str(os.getpid()), command="data")
+
+
+def test_data_prompt_longer_than_the_context_is_refused_before_generation(heads, tmp_path):
+    bench = write_jsonl(tmp_path / "long.jsonl", [{"id": "huge", "problem": "x" * (2 * CONTEXT), "gt": "1"}])
+    result = run_cli(["data", "--model", heads, "--problems", bench, "--output", tmp_path / "d" / "t.jsonl", *DATA_FAST])
+    assert_user_error(result, "huge", str(CONTEXT), command="data")
+    assert not (tmp_path / "d" / "t.jsonl.samples.jsonl").exists()
 
 
 def test_eval_takes_over_a_stale_lock(heads, bench, tmp_path):
@@ -559,6 +575,29 @@ def test_kill_9_during_train_resumes_to_bit_identical_heads(base, train_data, tm
     assert f"for {steps} steps (resumed from latest)" in out, out
     a, b = load_file(str(clean / HEADS_FILE)), load_file(str(killed / HEADS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_during_data_resumes_to_identical_output(heads, tmp_path):
+    bench = write_jsonl(tmp_path / "b.jsonl", [{"id": f"p{i}", "problem": f"What is {i}+1?", "gt": str(i + 1)}
+                                               for i in range(6)])
+    clean, killed = tmp_path / "clean" / "train.jsonl", tmp_path / "killed" / "train.jsonl"
+    samples = killed.parent / "train.jsonl.samples.jsonl"
+    code, _, err = run_cli(["data", "--model", heads, "--problems", bench, "--output", clean, *DATA_FAST])
+    assert code == 0, err
+
+    proc = _cli_process(["data", "--model", heads, "--problems", bench, "--output", killed, *DATA_FAST])
+    _kill_when(proc, lambda: samples.exists() and samples.read_bytes().count(b"\n") >= 1)
+    assert not killed.exists(), "killed too late: nothing left to resume"
+    before = samples.read_text(encoding="utf-8")
+    before = before[: before.rfind("\n") + 1]
+    code, _, err = run_cli(["data", "--model", heads, "--problems", bench, "--output", killed, *DATA_FAST])
+    assert code == 0, err
+    after = samples.read_text(encoding="utf-8")
+    assert after.startswith(before)  # kept, not redone
+    assert killed.read_bytes() == clean.read_bytes()  # the training rows: byte-identical
+    key = lambda line: json.loads(line)["key"]  # noqa: E731
+    clean_samples = (clean.parent / "train.jsonl.samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(after.splitlines(), key=key) == sorted(clean_samples, key=key)
 
 
 def _record_view(records):
