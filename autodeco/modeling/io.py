@@ -8,7 +8,8 @@ Two directory layouts load with `from_pretrained` (and `AutoModelForCausalLM.fro
 `AutoDecoIOMixin` holds those methods for AutoDecoModelForCausalLM. The helpers every loader shares:
 `check_model_source(name, what)` (an existing path, or a name that looks like a hub id, else one clear error),
 `load_tokenizer(*sources)`, `copy_tokenizer(source, target)`, `resolve_dtype(choice, on_gpu)`, DTYPES.
-Every file is written atomically (autodeco.atomic). See docs/training.md ("Checkpoints").
+A local directory is checked in full before it loads (autodeco.validation: validate_model_dir in from_pretrained,
+validate_base_dir in from_base). Every file is written atomically (autodeco.atomic). See docs/training.md.
 """
 
 from __future__ import annotations
