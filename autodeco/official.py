@@ -50,8 +50,10 @@ OFFICIAL_FIELDS = (
     "base_model_type", "base_model_name_or_path", "enable_temperature_head", "enable_top_p_head",
     "use_enhanced_features", "temperature_hidden_size", "top_p_hidden_size", "train_temp", "train_top_p",
 )
+# Fields only the official code writes (not `train_top_p`: AutoDecoConfig has a field of that name too, so one of
+# our configs that lost its base_config would look official; the older official configs also carry `train_temp`).
 OFFICIAL_MARKERS = ("enable_temperature_head", "enable_top_p_head", "use_enhanced_features", "train_temp",
-                    "train_top_p", "base_model_type")
+                    "base_model_type")
 # Where an official config written by `convert(..., to="official")` keeps our own fields (the official code
 # ignores unknown fields), so ours -> official -> ours loses nothing.
 AUTODECO_FIELDS_KEY = "autodeco"

@@ -207,14 +207,15 @@ def _check_recorded_base(directory: Path, name: str, file: Path) -> None:
     validate_base_dir(base)
 
 
-def validate_model_dir(path: str | Path) -> None:
+def validate_model_dir(path: str | Path, *, base_model_name_or_path: str | None = None) -> None:
     """Check a local AutoDeco directory (heads-only or merged) without loading the base; raise on the first problem.
 
     Checks: a directory with config.json that parses as a JSON object with model_type "autodeco"; field types
     (booleans are JSON booleans, numbers numbers, hidden_size present or derivable from base_config and equal to
     it); the layout (autodeco_heads.safetensors, or model.safetensors[.index.json]; pickles refused); head tensors
     readable, floating point, shaped as config.json implies and finite; for heads-only, a recorded base that is
-    not this directory nor another AutoDeco directory, and when local, a valid base directory.
+    not this directory nor another AutoDeco directory, and when local, a valid base directory
+    (`base_model_name_or_path` replaces the recorded base, as from_pretrained's override does).
     """
     directory = Path(path)
     _check_path_is_dir(directory, "AutoDeco model directory")
@@ -223,11 +224,11 @@ def validate_model_dir(path: str | Path) -> None:
     model_type = config.get("model_type")
     if model_type != "autodeco":
         raise ValueError(f"{file}: model_type is {json.dumps(model_type)}, not \"autodeco\": '{directory}' is a plain "
-                         "model; wrap it first with `autodeco init --base DIR --output-dir NEW_DIR`.")
+                         "model, not an AutoDeco one; wrap it first with `autodeco init --base DIR --output-dir NEW_DIR`.")
     _check_config_fields(config, file)
     expected = _expected_head_shapes(config)
     if (directory / HEADS_WEIGHTS_NAME).exists():
-        name = config.get("base_model_name_or_path")
+        name = base_model_name_or_path or config.get("base_model_name_or_path")
         if not name:
             raise ValueError(f"{file}: field 'base_model_name_or_path' is missing; a heads-only directory loads its "
                              "base from there: set it to the base's local path or hub name.")
@@ -236,7 +237,9 @@ def validate_model_dir(path: str | Path) -> None:
             names = list(f.keys())
         unexpected = sorted(set(names) - set(expected))
         if unexpected:
-            raise ValueError(f"{heads_file}: unexpected tensors {unexpected[:5]}; it was saved by another AutoDeco "
+            missing = sorted(set(expected) - set(names))
+            raise ValueError(f"{heads_file}: " + (f"missing head tensors {missing}, " if missing else "")
+                             + f"unexpected tensors {unexpected[:5]}; it was saved by another AutoDeco "
                              "configuration or is not an AutoDeco heads file: re-create it.")
         _check_head_tensors({n: heads_file for n in names}, expected, directory)
         _check_recorded_base(directory, name, file)

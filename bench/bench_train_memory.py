@@ -1,4 +1,4 @@
-"""Peak memory and time of one AutoDeco training step: full logits (today) vs the fused loss (autodeco/fused_loss.py).
+"""Peak memory and time of one AutoDeco training step: full logits (today) vs the fused loss (autodeco/modeling/fused_loss.py).
 
     python bench/bench_train_memory.py                          # 2K/8K/16K supervised tokens, 2 layers (~15 min, 2 cores)
     python bench/bench_train_memory.py --tokens 8192 --layers 24   # the whole 0.5B shape (slow: the base dominates)

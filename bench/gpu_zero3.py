@@ -65,7 +65,7 @@ def worker(args) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
     from autodeco import AutoDecoModelForCausalLM
-    from autodeco.trainer import AutoDecoTrainer, build_training_arguments
+    from autodeco.training import AutoDecoTrainer, build_training_arguments
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32

@@ -76,7 +76,6 @@ def test_score_math_many_matches_single_calls_and_deduplicates():
     "completion, gold",
     [
         (None, "5"),
-        ("\\boxed{5}", None),
         (12345, "5"),
         ("", "5"),
         ("\\boxed{}", "5"),
@@ -199,18 +198,33 @@ def test_normalised_forms_group_equal_answers():
         ("Between options A and J, I pick J", "J", True),
         ("I think the best option is H", "H", True),
         ("the answer is a number, so B", "B", True),  # lowercase "a" is not option A
-        ("answer: c", "C", False),  # case-sensitive
+        ("answer: c", "C", False),  # case-sensitive outside a box
+        ("\\boxed{c}", "C", True),  # a box holding only a letter: case-insensitive (issue 15)
+        ("\\boxed{a + b}", "A", False),  # a lowercase letter in an expression is no choice
         ("\\boxed{C}", "D", False),
         ("\\boxed{C}", " C ", True),
         ("I am not sure", "I", False),  # the pronoun is not option I
         ("nothing", "A", False),
         (None, "A", False),
-        ("\\boxed{C}", None, False),
-        ("\\boxed{C}", "CC", False),
     ],
 )
 def test_score_choice(completion, gold, expected):
     assert score_choice(completion, gold) is expected
+
+
+@pytest.mark.parametrize("gold", [None, "CC", "", 3, "K"])
+def test_score_choice_with_a_broken_gold_is_an_error(gold):
+    """Issue 15: a gold that is no letter A-J was a silent False; now an error naming the gold."""
+    with pytest.raises(ValueError, match="gold"):
+        score_choice("\\boxed{C}", gold)
+
+
+@pytest.mark.parametrize("gold", [None, 5, "", "  "])
+def test_score_math_with_a_broken_gold_is_an_error(gold):
+    with pytest.raises(ValueError, match="gold"):
+        score_math("\\boxed{5}", gold)
+    with pytest.raises(ValueError, match="gold"):
+        score_math_many([("\\boxed{5}", "5"), ("\\boxed{5}", gold)])
 
 
 def _pass_at_k_brute_force(n: int, c: int, k: int) -> float:

@@ -24,6 +24,7 @@ from autodeco.evaluation.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_T
 from autodeco.evaluation.loading import load_model, process_state, resolve_device
 from autodeco.evaluation.methods import VALID_METHODS, parse_methods
 from autodeco.evaluation.runner import run_evaluation
+from autodeco.validation import check_input_file
 
 __all__ = ["register", "add_eval_parser", "add_data_parser", "cmd_eval", "cmd_data"]
 
@@ -127,8 +128,7 @@ def register(subparsers) -> None:
 
 def _check_files(flag: str, files) -> None:
     for f in files or ():
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"{flag} '{f}' does not exist.")
+        check_input_file(f, flag)
 
 
 def cmd_eval(args) -> dict:

@@ -31,6 +31,7 @@ from autodeco.cli.args import (
     ratio,
 )
 from autodeco.training import FORCED_TRAINING_ARGUMENTS, AutoDecoTrainingArguments, train_heads
+from autodeco.validation import check_input_file
 
 __all__ = ["cmd_train", "parse_trainer_args", "register"]
 
@@ -174,5 +175,7 @@ def training_arguments(args: argparse.Namespace) -> AutoDecoTrainingArguments:
 
 def cmd_train(args: argparse.Namespace) -> dict:
     """Run `autodeco train`; returns the summary it prints (a dict, for scripts and tests)."""
+    for path in args.data:  # a directory or a missing file, named with the flag, before anything loads
+        check_input_file(path, "--data")
     return train_heads(args.model, args.data, training_arguments(args), dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code)

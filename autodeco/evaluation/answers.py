@@ -8,8 +8,10 @@
 
 Math answers: the last ``\\boxed{...}`` (an unterminated last box falls back to the previous one), else the
 last "answer is X" / "Answer: X", else the last number. Equivalence of math answers is decided by math-verify
-in autodeco.evaluation.verify. Scoring never raises on bad input: it returns False or None.
-The extraction rules in full: docs/evaluation.md.
+in autodeco.evaluation.verify. Scoring never raises on a bad completion (it returns False or None), but a gold
+that is not a non-empty string (or, for choice, a letter A-J) is a ValueError: it is a broken benchmark, not a
+wrong answer (load_benchmark refuses such rows, and turns JSON numbers into strings). The extraction rules in
+full: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ def normalize_math_answer(answer: str) -> str:
 
 # "answer" in any case, the letter itself case-sensitive: "the answer is a number" is not option A.
 _ANSWER_LETTER_RE = re.compile(r"(?i:answer)\**\s*(?:is\b\s*:?|:)\s*\**\s*[\(\[]?\s*(?:\\text\{\s*)?([A-J])(?![A-Za-z])")
+# A lowercase letter in a box is a choice only when it is all the box holds ("\boxed{a + b}" is no choice).
+_BOXED_LOWER_LETTER_RE = re.compile(r"\(?\s*([a-j])\s*\)?\s*$")
 _STANDALONE_LETTER_RE = re.compile(r"(?<![A-Za-z0-9\\])([A-J])(?![A-Za-z0-9])")
 
 
@@ -208,7 +212,8 @@ def extract_choice_answer(completion: str) -> str | None:
 
     Order: the last \\boxed{C} (also \\boxed{(C)}, \\boxed{\\text{C}}, \\boxed{C. text}); the last "answer is
     (C)" / "Answer: C"; the last standalone capital letter A-J (skipping the words "A" and "I" in prose,
-    as in "I think" or "A bit"). Letters are case-sensitive: a lowercase "c" is never an answer.
+    as in "I think" or "A bit"). Outside a box letters are case-sensitive (a lowercase "c" in prose is never an
+    answer); a box holding only a letter is read case-insensitively: \boxed{d}, \boxed{(d)} are D.
     """
     if not isinstance(completion, str) or not completion:
         return None
@@ -218,9 +223,9 @@ def extract_choice_answer(completion: str) -> str | None:
         wrapped = _TEXT_WRAPPER_RE.match(content)
         if wrapped:
             content = wrapped.group(1).strip()
-        letter = re.match(r"\(?\s*([A-J])\s*\)?(?![A-Za-z])", content)
+        letter = re.match(r"\(?\s*([A-J])\s*\)?(?![A-Za-z])", content) or _BOXED_LOWER_LETTER_RE.match(content)
         if letter:
-            return letter.group(1)
+            return letter.group(1).upper()
     last = None
     for last in _ANSWER_LETTER_RE.finditer(completion):
         pass
@@ -280,13 +285,14 @@ def extract_answer(completion: str, kind: str) -> str | None:
 
 
 def score_choice(completion: str, gold: str) -> bool:
-    """Whether the completion's multiple-choice letter equals the gold letter (case-sensitive)."""
+    """Whether the completion's multiple-choice letter (extract_choice_answer) equals the gold letter A-J.
+
+    Raises ValueError when `gold` is not a capital letter A-J (optionally in parentheses): a broken benchmark row
+    must not score as a wrong answer. A bad completion is simply False."""
+    gold_letter = gold.strip().strip("()").strip() if isinstance(gold, str) else None
+    if gold_letter is None or len(gold_letter) != 1 or gold_letter not in CHOICE_LETTERS:
+        raise ValueError(f"score_choice: gold must be one capital letter A-J, got {gold!r}; fix the benchmark's gt.")
     try:
-        if not isinstance(gold, str):
-            return False
-        gold_letter = gold.strip().strip("()").strip()
-        if len(gold_letter) != 1 or gold_letter not in CHOICE_LETTERS:
-            return False
         return extract_choice_answer(completion) == gold_letter
-    except Exception:
+    except Exception:  # never let a weird completion break an evaluation
         return False

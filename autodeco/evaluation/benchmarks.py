@@ -7,7 +7,8 @@
 
 A benchmark is a JSONL file, one problem per line: ``{"problem": str, "gt": str, "id": optional}``; its name is
 the file stem. The kind is inferred ("choice" when every gt is a letter A-J, else "math"); "exact" must be
-given. Malformed files fail with the file name, the 1-based line and what is wrong. A spec that is not a path
+given. Files are UTF-8 (a byte-order mark is allowed). Malformed files fail with the file name, the 1-based line
+and what is wrong. A spec that is not a path
 is a Hugging Face dataset, ``"org/name[:config][:split]"`` (needs ``datasets``). More: docs/benchmarks.md and
 docs/evaluation.md.
 """
@@ -122,11 +123,16 @@ def _load_jsonl(path: Path, kind: str | None, limit: int | None) -> Benchmark:
     rows: list[tuple[str, str, str, str]] = []
     seen: dict[str, int] = {}
     file_kind = None  # an optional per-line "kind" field (e.g. "exact", which is never inferred)
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # decoded per line, so a non-UTF-8 line is named
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path} line {line_number}"
+            try:  # utf-8-sig: a UTF-8 byte-order mark (Windows editors) is dropped, as `train --data` does
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start}); re-save the file "
+                                 "as UTF-8.") from None
             if not line.strip():
                 continue  # blank lines (a trailing newline at the end) are not problems
-            where = f"{path} line {line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

@@ -28,10 +28,12 @@ from autodeco.evaluation.generation import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
     GenerationRequest,
+    check_prompts_fit,
     generate_completions,
 )
 from autodeco.evaluation.methods import static_method
 from autodeco.evaluation.records import RecordStore, data_settings_hash, sample_key, sampling_seed
+from autodeco.locks import OutputDirLock
 
 __all__ = ["build_training_data", "dedup_key"]
 
@@ -98,88 +100,92 @@ def build_training_data(
     kwargs = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
     settings = data_settings_hash(model, method_spec=method.spec, n=n, max_new_tokens=max_new_tokens,
                                   template=template, seed=seed)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    store = RecordStore(output.parent, name=output.name + ".samples.jsonl")
-    done = store.read(keep_completions=True)
-    model.eval()
-
     jobs = []
     for b in benchmarks:
         for index, problem in enumerate(b.problems):
             prompt = build_prompt(problem, tokenizer, template)
             key = sample_key(settings, b.name, problem, prompt)
             jobs.append((b, index, problem, prompt, key))
-    pending = [job for job in jobs if job[4] not in done]
-    # Calls: one problem each, or (packed) up to max(1, batch_size // n) consecutive pending problems of one file.
-    calls: list[list[tuple]] = []
-    per_call = max(1, batch_size // n) if pack_samples else 1
-    for job in pending:
-        if calls and len(calls[-1]) < per_call and calls[-1][0][0] is job[0]:
-            calls[-1].append(job)
-        else:
-            calls.append([job])
-    bar = None
-    if progress and pending:
-        bar = tqdm(total=len(pending), desc="sampling solutions", unit="problem", dynamic_ncols=True)
-    store.open()
-    try:
-        for call in calls:
-            b, _, first, _, first_key = call[0]
-            call_seed = sampling_seed(seed, method.spec, b.name, first.id, 0)
-            requests = [GenerationRequest(prompt, n, call_seed, group=first_key if pack_samples else None)
-                        for _, _, _, prompt, _ in call]
-            outputs = generate_completions(model, tokenizer, requests, generation_kwargs=kwargs,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
-            for (b, index, problem, prompt, key), samples in zip(call, outputs):
-                texts = [c.text for c in samples]
-                record = {"key": key, "benchmark": b.name, "problem_id": problem.id, "prompt": prompt,
-                          "completions": texts, "correct": score_completions(problem, texts),
-                          "finished": [c.finished for c in samples], "tokens": [c.num_tokens for c in samples]}
-                if pack_samples:
-                    record["sampling_seed"] = call_seed
-                    record["packed_problems"] = len(call)
-                store.append(record)
-                done[key] = record
-            if bar is not None:
-                bar.update(len(call))
-    finally:
-        store.close()
-        if bar is not None:
-            bar.close()
+    check_prompts_fit(model, tokenizer, ((b.name, problem.id, prompt) for b, _, problem, prompt, _ in jobs))
 
-    rows: list[dict] = []
-    stats: dict[str, dict] = {}
-    for b, index, problem, prompt, key in jobs:
-        record = done[key]
-        s = stats.setdefault(b.name, {"problems": 0, "samples": 0, "finished": 0, "correct": 0, "usable": 0,
-                                      "distinct": 0, "kept": 0, "problems_with_data": 0})
-        s["problems"] += 1
-        seen: set[str] = set()
-        kept = 0
-        for text, ok, finished in zip(record["completions"], record["correct"], record["finished"]):
-            s["samples"] += 1
-            s["finished"] += bool(finished)
-            s["correct"] += bool(ok)
-            if not (ok and finished and text.strip()):
-                continue
-            s["usable"] += 1
-            if dedup_key(text) in seen:
-                continue
-            seen.add(dedup_key(text))
-            s["distinct"] += 1
-            if max_per_problem is None or kept < max_per_problem:
-                kept += 1
-                rows.append({"prompt": prompt, "completion": text, "id": problem.id, "benchmark": b.name})
-        s["kept"] += kept
-        s["problems_with_data"] += kept > 0
-    total = {k: sum(s[k] for s in stats.values()) for k in next(iter(stats.values()))}
-    write_text_atomic(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    result = {"output": str(output), "samples_file": str(store.main), "benchmarks": stats, "total": total,
-              "n": n, "max_per_problem": max_per_problem, "temperature": temperature, "top_p": top_p}
-    if verbose:
-        for name, s in [*stats.items(), ("total", total)]:
-            print(f"{name}: kept {s['kept']}/{s['samples']} samples ({s['correct']} correct, {s['usable']} correct and "
-                  f"ended with EOS, {s['distinct']} distinct) for {s['problems_with_data']}/{s['problems']} problems",
-                  flush=True)
-        print(f"Wrote {len(rows)} rows to {output} (samples kept in {store.main} for reruns).", flush=True)
-    return result
+    # One run writes into the output's directory at a time (autodeco.locks): its .samples.jsonl is appended to.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with OutputDirLock(output.parent, "data"):
+        store = RecordStore(output.parent, name=output.name + ".samples.jsonl")
+        done = store.read(keep_completions=True)
+        model.eval()
+
+        pending = [job for job in jobs if job[4] not in done]
+        # Calls: one problem each, or (packed) up to max(1, batch_size // n) consecutive pending problems of one file.
+        calls: list[list[tuple]] = []
+        per_call = max(1, batch_size // n) if pack_samples else 1
+        for job in pending:
+            if calls and len(calls[-1]) < per_call and calls[-1][0][0] is job[0]:
+                calls[-1].append(job)
+            else:
+                calls.append([job])
+        bar = None
+        if progress and pending:
+            bar = tqdm(total=len(pending), desc="sampling solutions", unit="problem", dynamic_ncols=True)
+        store.open()
+        try:
+            for call in calls:
+                b, _, first, _, first_key = call[0]
+                call_seed = sampling_seed(seed, method.spec, b.name, first.id, 0)
+                requests = [GenerationRequest(prompt, n, call_seed, group=first_key if pack_samples else None)
+                            for _, _, _, prompt, _ in call]
+                outputs = generate_completions(model, tokenizer, requests, generation_kwargs=kwargs,
+                                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+                for (b, index, problem, prompt, key), samples in zip(call, outputs):
+                    texts = [c.text for c in samples]
+                    record = {"key": key, "benchmark": b.name, "problem_id": problem.id, "prompt": prompt,
+                              "completions": texts, "correct": score_completions(problem, texts),
+                              "finished": [c.finished for c in samples], "tokens": [c.num_tokens for c in samples]}
+                    if pack_samples:
+                        record["sampling_seed"] = call_seed
+                        record["packed_problems"] = len(call)
+                    store.append(record)
+                    done[key] = record
+                if bar is not None:
+                    bar.update(len(call))
+        finally:
+            store.close()
+            if bar is not None:
+                bar.close()
+
+        rows: list[dict] = []
+        stats: dict[str, dict] = {}
+        for b, index, problem, prompt, key in jobs:
+            record = done[key]
+            s = stats.setdefault(b.name, {"problems": 0, "samples": 0, "finished": 0, "correct": 0, "usable": 0,
+                                          "distinct": 0, "kept": 0, "problems_with_data": 0})
+            s["problems"] += 1
+            seen: set[str] = set()
+            kept = 0
+            for text, ok, finished in zip(record["completions"], record["correct"], record["finished"]):
+                s["samples"] += 1
+                s["finished"] += bool(finished)
+                s["correct"] += bool(ok)
+                if not (ok and finished and text.strip()):
+                    continue
+                s["usable"] += 1
+                if dedup_key(text) in seen:
+                    continue
+                seen.add(dedup_key(text))
+                s["distinct"] += 1
+                if max_per_problem is None or kept < max_per_problem:
+                    kept += 1
+                    rows.append({"prompt": prompt, "completion": text, "id": problem.id, "benchmark": b.name})
+            s["kept"] += kept
+            s["problems_with_data"] += kept > 0
+        total = {k: sum(s[k] for s in stats.values()) for k in next(iter(stats.values()))}
+        write_text_atomic(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        result = {"output": str(output), "samples_file": str(store.main), "benchmarks": stats, "total": total,
+                  "n": n, "max_per_problem": max_per_problem, "temperature": temperature, "top_p": top_p}
+        if verbose:
+            for name, s in [*stats.items(), ("total", total)]:
+                print(f"{name}: kept {s['kept']}/{s['samples']} samples ({s['correct']} correct, {s['usable']} correct and "
+                      f"ended with EOS, {s['distinct']} distinct) for {s['problems_with_data']}/{s['problems']} problems",
+                      flush=True)
+            print(f"Wrote {len(rows)} rows to {output} (samples kept in {store.main} for reruns).", flush=True)
+        return result

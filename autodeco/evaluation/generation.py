@@ -21,6 +21,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from autodeco.evaluation.methods import Method
 from autodeco.evaluation.methods import generation_kwargs as method_generation_kwargs
+from autodeco.validation import check_prompt_fits, context_length
 
 __all__ = [
     "GenerationRequest",
@@ -28,6 +29,8 @@ __all__ = [
     "Engine",
     "TransformersEngine",
     "encode_prompt",
+    "check_prompts_fit",
+    "model_context_length",
     "generate_completions",
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_BATCH_SIZE",
@@ -89,6 +92,23 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     if not ids:
         raise ValueError(f"The prompt {text[:60]!r} encodes to no tokens; a prompt needs at least one token.")
     return ids
+
+
+def model_context_length(model) -> int | None:
+    """The context length the (base) model's config declares (max_position_embeddings, ...), or None."""
+    config = getattr(getattr(model, "llm", None), "config", None) or getattr(model, "config", None)
+    return context_length(config.to_dict()) if hasattr(config, "to_dict") else None
+
+
+def check_prompts_fit(model, tokenizer, prompts) -> None:
+    """Refuse, before any generation, a prompt with no room in the model's context: `prompts` yields (source,
+    problem id, prompt text). The error names the problem and both lengths; a problem is never truncated (a
+    truncated problem is a different problem). Training rows are truncated instead (docs/training.md)."""
+    context = model_context_length(model)
+    if context is None:
+        return
+    for source, problem_id, text in prompts:
+        check_prompt_fits(problem_id, len(encode_prompt(tokenizer, text)), context, source=source)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

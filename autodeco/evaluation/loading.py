@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from autodeco import AutoDecoModelForCausalLM
 from autodeco.modeling.io import check_model_source, load_tokenizer, resolve_dtype
+from autodeco.validation import validate_base_dir
 
 __all__ = ["load_model", "load_autodeco_model", "model_type", "check_autodeco_dir", "process_state",
            "resolve_device"]
@@ -28,7 +29,7 @@ def model_type(name: str, *, what: str = "a model directory") -> str | None:
 
     A path that does not exist is taken as a hub name only if it looks like one ("org/name")."""
     path = Path(name).expanduser()
-    if check_model_source(str(path), "--model", fix=f"Pass {what} (or a hub name).") == "hub":
+    if check_model_source(str(path), "--model", fix=f"Pass {what} (or a hub name).", directory=True) == "hub":
         return None
     config = path / "config.json"
     if not config.is_file():
@@ -84,6 +85,8 @@ def load_model(name: str, *, dtype: str = "auto", device: torch.device, require_
             f"--model '{name}' is a plain '{kind}' model, not an AutoDeco one: evaluation needs the heads. "
             f"Create them with `autodeco init --base {name} --output-dir DIR` (or train them) and pass DIR."
         )
+    if kind is not None:
+        validate_base_dir(name)  # local: safetensors only (pickles refused before anything reads them)
     torch_dtype = resolve_dtype(dtype, on_gpu=device.type == "cuda")
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(name)

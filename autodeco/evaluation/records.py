@@ -28,13 +28,16 @@ __all__ = [
     "model_fingerprint",
     "eval_settings_hash",
     "item_key",
+    "problem_content",
     "data_settings_hash",
     "sample_key",
 ]
 
 RECORDS_NAME = "records.jsonl"
-# Bumped when a change makes old records incomparable (prompt encoding, what a record holds).
-RECORD_FORMAT = 1
+# Bumped when a change makes old records incomparable (prompt encoding, what a record holds, what a key covers).
+# 2: keys include the benchmark row's content (problem text, gold, kind), so an edited row is never scored from
+#    old records.
+RECORD_FORMAT = 2
 
 
 def _sha(obj) -> str:
@@ -85,11 +88,16 @@ def eval_settings_hash(model, *, max_new_tokens: int, template: str | None, seed
     return _sha(settings)[:16]
 
 
-def item_key(settings_hash: str, method_spec: str, benchmark: str, problem, seed: int, n: int, prompt: str) -> str:
-    """The record key of one evaluation work item: (method, benchmark, problem, seed index, n, settings, prompt).
+def problem_content(problem) -> str:
+    """A hash of everything in a benchmark row that determines its records: id, problem text, gold and kind. A row
+    edited under the same id (a fixed gold, a reworded problem) gets new keys, so it is regenerated and rescored."""
+    return _sha([problem.id, problem.problem, problem.gt, problem.kind])
 
-    `problem` is the benchmark's Problem (its id enters the key today)."""
-    return _sha([RECORD_FORMAT, method_spec, benchmark, problem.id, seed, n, settings_hash,
+
+def item_key(settings_hash: str, method_spec: str, benchmark: str, problem, seed: int, n: int, prompt: str) -> str:
+    """The record key of one evaluation work item: (method, benchmark, the problem row's content, seed index, n,
+    settings, prompt). `problem` is the benchmark's Problem (problem_content: id, text, gold, kind)."""
+    return _sha([RECORD_FORMAT, method_spec, benchmark, problem_content(problem), seed, n, settings_hash,
                  hashlib.sha256(prompt.encode()).hexdigest()])[:32]
 
 
@@ -101,8 +109,10 @@ def data_settings_hash(model, *, method_spec: str, n: int, max_new_tokens: int, 
 
 
 def sample_key(settings_hash: str, benchmark: str, problem, prompt: str) -> str:
-    """The key of one problem's samples in the data builder's OUTPUT.samples.jsonl."""
-    return _sha([settings_hash, benchmark, problem.id, hashlib.sha256(prompt.encode()).hexdigest()])[:32]
+    """The key of one problem's samples in the data builder's OUTPUT.samples.jsonl (the row's content included,
+    as in item_key: a changed gold is re-judged, not reused)."""
+    return _sha([RECORD_FORMAT, settings_hash, benchmark, problem_content(problem),
+                 hashlib.sha256(prompt.encode()).hexdigest()])[:32]
 
 
 # ------------------------------------------------------------------------------------------------ the store

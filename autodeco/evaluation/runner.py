@@ -15,6 +15,7 @@ so a rerun resumes. Metrics: metrics.py; results.json and plot data: results.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from autodeco.evaluation.generation import (
     Completion,
     Engine,
     GenerationRequest,
+    check_prompts_fit,
     encode_prompt,
     generate_completions,
 )
@@ -50,6 +52,7 @@ from autodeco.evaluation.methods import (
 from autodeco.evaluation.metrics import compute_metrics
 from autodeco.evaluation.records import RecordStore, eval_settings_hash, item_key, model_fingerprint, sampling_seed
 from autodeco.evaluation.results import EXAMPLE_PROBLEMS, assemble_results, plot_data, records_for
+from autodeco.locks import OutputDirLock
 
 __all__ = [
     "run_evaluation",
@@ -363,8 +366,21 @@ def run_evaluation(
     for b in benchmarks:
         for i, problem in enumerate(b.problems):
             ctx.prompts[(b.name, i)] = build_prompt(problem, tokenizer, template)
+    check_prompts_fit(model, tokenizer, ((b.name, p.id, ctx.prompts[(b.name, i)])
+                                         for b in benchmarks for i, p in enumerate(b.problems)))
 
-    store = RecordStore(output_dir, rank, world)
+    # One run writes into an output directory at a time (autodeco.locks); under several processes the main one
+    # holds the lock for all of them, before any rank opens its records file.
+    lock = OutputDirLock(output_dir, "eval") if rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _run(ctx, state, store=RecordStore(output_dir, rank, world), benchmarks=benchmarks, methods=methods,
+                    n=n, seeds=seeds, ks=ks, calibration_files=calibration_files, oracle_n=oracle_n,
+                    oracle_seeds=oracle_seeds, batch_size=batch_size, plots=plots, pack_samples=pack_samples)
+
+
+def _run(ctx: _Context, state, *, store: RecordStore, benchmarks, methods, n, seeds, ks, calibration_files,
+         oracle_n, oracle_seeds, batch_size, plots, pack_samples) -> dict:
+    rank, world, output_dir = ctx.rank, ctx.world_size, ctx.output_dir
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         if world > 1:

@@ -260,8 +260,14 @@ def score_math_many(pairs: Iterable[tuple[str, str]], *, timeout: float = DEFAUL
     """score_math for many (completion, gold) pairs at once: deduplicated, cached and run on all workers.
 
     `timeout` is the wall-clock limit in seconds for each distinct comparison; overrunning counts as wrong.
+    Raises ValueError when a gold is not a non-empty string (checked for every pair before any work).
     """
     pairs = list(pairs)
+    for pair in pairs:  # a broken gold is an error, never a silent False (load_benchmark gives strings)
+        gold = pair[1] if isinstance(pair, (tuple, list)) and len(pair) == 2 else None
+        if not isinstance(gold, str) or not gold.strip():
+            raise ValueError(f"score_math: gold must be a non-empty string, got {gold!r} ({type(gold).__name__}); "
+                             "pass str(gold), or load the benchmark with load_benchmark (it converts numbers).")
     scores = [False] * len(pairs)
     to_verify: dict[tuple[str, str], list[int]] = {}
     for index, pair in enumerate(pairs):
@@ -299,6 +305,7 @@ def score_math_many(pairs: Iterable[tuple[str, str]], *, timeout: float = DEFAUL
 def score_math(completion: str, gold: str, *, timeout: float = DEFAULT_MATH_TIMEOUT) -> bool:
     """Whether the completion's final math answer is equivalent to `gold` (math-verify, gold first).
 
-    Never hangs (at most about `timeout` seconds of verification) and never raises on bad input.
+    Never hangs (at most about `timeout` seconds of verification) and never raises on a bad completion; a gold
+    that is not a non-empty string is a ValueError (an int gold would otherwise be a silent False).
     """
     return score_math_many([(completion, gold)], timeout=timeout)[0]

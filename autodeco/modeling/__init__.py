@@ -10,6 +10,7 @@ P at given completion tokens. See docs/training.md and docs/engines.md.
 from autodeco.modeling.generation import (
     STATIC_SAMPLING_KWARGS,
     AutoDecoGenerateOutput,
+    NonFiniteHeadsError,
     autodeco_generation_config,
 )
 from autodeco.modeling.io import (
@@ -32,6 +33,7 @@ __all__ = [
     "AutoDecoModelForCausalLM",
     "AutoDecoCausalLMOutput",
     "AutoDecoGenerateOutput",
+    "NonFiniteHeadsError",
     "HEADS_WEIGHTS_NAME",
     "MERGED_WEIGHTS_NAMES",
     "HEAD_MODULES",

@@ -24,6 +24,7 @@ from autodeco.features import MIN_TEMPERATURE
 from autodeco.sampling import dynamic_logits, nucleus_filter
 
 __all__ = [
+    "NonFiniteHeadsError",
     "AutoDecoGenerateOutput",
     "AutoDecoGenerationMixin",
     "STATIC_SAMPLING_KWARGS",
@@ -32,6 +33,12 @@ __all__ = [
 
 # generate() kwargs that mean "static decoding with these values".
 STATIC_SAMPLING_KWARGS = ("temperature", "top_p")
+
+
+class NonFiniteHeadsError(FloatingPointError, ValueError):
+    """The heads produced NaN/inf T or P while generating: a problem of the model or its inputs (non-finite base
+    hidden states, corrupt weights), not of the code. A ValueError too, so the CLI reports it in one line (exit 2);
+    a FloatingPointError, as it always was, for callers that catch that."""
 
 
 @dataclass
@@ -85,7 +92,7 @@ class AutoDecoGenerationMixin:
         """Record the last position's (T, P) and, when sampling dynamically, return its dynamic logits."""
         t_last, p_last = temperature[:, -1].detach(), top_p[:, -1].detach()
         if not bool(torch.isfinite(t_last).all() & torch.isfinite(p_last).all()):
-            raise FloatingPointError(
+            raise NonFiniteHeadsError(
                 f"AutoDeco heads produced non-finite values (temperature {t_last.tolist()}, top_p {p_last.tolist()}). "
                 "The base's hidden states are likely non-finite (fp16 overflow? try bf16 or float32) or the heads "
                 "file is corrupted."

@@ -8,7 +8,8 @@ Two directory layouts load with `from_pretrained` (and `AutoModelForCausalLM.fro
 `AutoDecoIOMixin` holds those methods for AutoDecoModelForCausalLM. The helpers every loader shares:
 `check_model_source(name, what)` (an existing path, or a name that looks like a hub id, else one clear error),
 `load_tokenizer(*sources)`, `copy_tokenizer(source, target)`, `resolve_dtype(choice, on_gpu)`, DTYPES.
-Every file is written atomically (autodeco.atomic). See docs/training.md ("Checkpoints").
+A local directory is checked in full before it loads (autodeco.validation: validate_model_dir in from_pretrained,
+validate_base_dir in from_base). Every file is written atomically (autodeco.atomic). See docs/training.md.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
-from autodeco.atomic import atomic_directory, atomic_write, write_text_atomic
 from autodeco import official
+from autodeco.atomic import atomic_directory, atomic_write, write_text_atomic
 from autodeco.config import AutoDecoConfig
+from autodeco.validation import read_config, validate_base_dir, validate_model_dir
 
 __all__ = [
     "HEADS_WEIGHTS_NAME",
@@ -97,11 +99,14 @@ def check_model_source(
     directory: bool = False,
 ) -> str:
     """"local" when `name` exists on disk (a directory, with `directory`), "hub" when it looks like a hub id;
-    otherwise FileNotFoundError "{what} '{name}' does not exist. {fix}". Nothing is downloaded. `~` is not
+    otherwise FileNotFoundError "{what} '{name}' does not exist. {fix}" (ValueError "... is a file, not a
+    directory" when `directory` and it is a file). Nothing is downloaded. `~` is not
     expanded (from_pretrained does not expand it either): callers that accept it expand it first."""
     name = str(name)
     if os.path.isdir(name) if directory else os.path.exists(name):
         return "local"
+    if directory and os.path.exists(name):
+        raise ValueError(f"{what} '{name}' is a file, not a directory. {fix}")
     if looks_like_hub_id(name):
         return "hub"
     raise FileNotFoundError(f"{what} '{name}' does not exist. {fix}")
@@ -138,7 +143,8 @@ class AutoDecoIOMixin:
             name = base.name_or_path or base.config.name_or_path or ""
         else:
             name = str(base)
-            check_model_source(name)
+            if check_model_source(name) == "local":
+                validate_base_dir(name)  # a file, an AutoDeco directory, pickled weights: refused before loading
             load_kwargs = {"trust_remote_code": trust_remote_code}
             if dtype is not None:
                 load_kwargs["dtype"] = dtype
@@ -239,6 +245,11 @@ class AutoDecoIOMixin:
             "AutoDecoModelForCausalLM.from_base(...).save_pretrained(DIR).",
             directory=True,
         )
+        if os.path.isfile(os.path.join(path, "config.json")):
+            # A local directory is checked in full before anything loads (autodeco.validation): config.json
+            # types, layout, head dtypes/shapes/finiteness, the recorded base. Official layouts: official.py.
+            if not official.is_official_config(read_config(path)):
+                validate_model_dir(path, base_model_name_or_path=base_override)
         if config is None or getattr(config, "base_config", None) is None:
             # The official checkpoints' layouts (autodeco/official.py). AutoModelForCausalLM passes a config parsed
             # from their flat config.json (no base_config, which ours always have): look again.

@@ -7,11 +7,13 @@
 or loaded: its heads train further); `data` is JSONL paths or an AutoDecoDataset. It builds the dataset (and the
 decoding-control twins when config.control_share > 0), loads the model, trains with AutoDecoTrainer (resuming when
 config.resume_from_checkpoint is "latest" or a checkpoint directory), saves heads + config + tokenizer (+ the
-control settings) to config.output_dir and returns the summary it prints. Details: docs/training.md.
+control settings) to config.output_dir and returns the summary it prints. The output directory is locked for the
+run (autodeco.locks: a second run on it is refused). Details: docs/training.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,12 +21,12 @@ from typing import Sequence
 
 from transformers import AutoConfig, PreTrainedModel
 
-from autodeco.modeling.io import check_model_source, load_tokenizer, resolve_dtype
-from autodeco.data import ControlDataset, DataCollatorWithControl
-from autodeco.data import AutoDecoDataset
-from autodeco.modeling import AutoDecoModelForCausalLM
-from autodeco.training.arguments import AutoDecoTrainingArguments
 from autodeco.control import save_control_settings
+from autodeco.data import AutoDecoDataset, ControlDataset, DataCollatorWithControl
+from autodeco.locks import OutputDirLock
+from autodeco.modeling import AutoDecoModelForCausalLM
+from autodeco.modeling.io import check_model_source, load_tokenizer, resolve_dtype
+from autodeco.training.arguments import AutoDecoTrainingArguments
 from autodeco.training.trainer import CONTROL_LOGGED_METRICS, AutoDecoTrainer
 
 __all__ = ["load_model_for_training", "train_heads"]
@@ -124,6 +126,16 @@ def train_heads(model, data: str | os.PathLike | Sequence[str | os.PathLike] | A
     # Everything that can be wrong in the settings is checked before a model is loaded.
     control = config.control()
     resume = _resume_target(config)
+    # One run writes into an output directory at a time (autodeco.locks); under several processes the main one
+    # holds the lock for them all (the others write only what the Trainer coordinates).
+    lock = OutputDirLock(config.output_dir, "train") if config.process_index == 0 else contextlib.nullcontext()
+    with lock:
+        return _train_heads(model, data, config, control, resume, tokenizer=tokenizer, dtype=dtype,
+                            trust_remote_code=trust_remote_code, verbose=verbose)
+
+
+def _train_heads(model, data, config: AutoDecoTrainingArguments, control, resume, *, tokenizer, dtype: str,
+                 trust_remote_code: bool, verbose: bool) -> dict:
     main_process = verbose and config.process_index == 0
     output_dir = config.output_dir
 

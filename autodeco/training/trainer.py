@@ -19,7 +19,8 @@ import logging
 import os
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from autodeco.losses import completion_means, control_margin_loss
 from autodeco.data import IGNORE_INDEX, DataCollatorForCompletion
@@ -242,6 +243,34 @@ class AutoDecoTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ heads-only checkpoints
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """Trainer.train, except that resuming a checkpoint that already reached max_steps trains nothing: the
+        Trainer would run one more step and write checkpoint-(max_steps + 1). The heads and the state are those
+        of the checkpoint; train_loss is the mean of its logged losses (a checkpoint keeps no running total)."""
+        finished = self._finished_checkpoint(resume_from_checkpoint)
+        if finished is None:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self.state = TrainerState.load_from_json(os.path.join(finished, "trainer_state.json"))
+        self.accelerator.unwrap_model(self.model).load_heads(os.path.join(finished, HEADS_WEIGHTS_NAME))
+        losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        logger.info("%s already reached max_steps = %d: nothing left to train.", finished, self.args.max_steps)
+        return TrainOutput(self.state.global_step, loss, {"train_loss": loss})
+
+    def _finished_checkpoint(self, resume_from_checkpoint) -> str | None:
+        """The checkpoint to resume when its global_step is already >= max_steps (max_steps > 0), else None."""
+        if not resume_from_checkpoint or self.args.max_steps <= 0 or not self._loads_heads_itself():
+            return None
+        checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
+                      else str(resume_from_checkpoint))
+        if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, HEADS_WEIGHTS_NAME)):
+            return None
+        try:
+            step = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
+        except (OSError, ValueError):
+            return None  # the Trainer's own resume reports it
+        return checkpoint if step >= self.args.max_steps else None
 
     def _loads_heads_itself(self) -> bool:
         # FSDP and DeepSpeed restore their own (sharded) model state; a plain or DDP model takes the heads file.
