@@ -6,7 +6,8 @@
 The lock file is JSON: pid, hostname, the process's start time (Linux /proc, guards against pid reuse), the
 command, when it started and a random token. A lock left by a killed run is stale when its host is this host and
 its pid is dead (or now belongs to another process): it is taken over. A lock from another host is never taken
-over automatically; the error says how to remove it. Only the standard library is used (no torch import).
+over automatically; the error says how to remove it. Under a multi-process launch (accelerate, torchrun: RANK is
+set) only rank 0 takes the lock, for the whole run; the other ranks' locks are no-ops. Standard library only.
 """
 
 from __future__ import annotations
@@ -87,11 +88,20 @@ def _describe(holder: dict | None) -> str:
             f"started {holder.get('started', '?')})")
 
 
+def launch_rank() -> int:
+    """This process's global rank under accelerate / torchrun (they set RANK before any process group exists)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 class OutputDirLock:
     """Exclusive lock on an output directory for the duration of a `with` block (created if missing).
 
     Raises OutputDirLocked when a live run holds it, ValueError when `path` is a file. Not re-entrant: a second
-    lock on the same directory in the same process is refused too (its pid is alive).
+    lock on the same directory in the same process is refused too (its pid is alive). Ranks other than 0 of a
+    multi-process launch hold nothing (their rank 0 holds the directory for the run).
     """
 
     def __init__(self, path: str | Path, command: str):
@@ -110,6 +120,8 @@ class OutputDirLock:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"Output directory '{self.path}' is a file; pass a directory.")
         self.path.mkdir(parents=True, exist_ok=True)
+        if launch_rank() != 0:
+            return self
         for _ in range(20):
             if self._create():
                 return self

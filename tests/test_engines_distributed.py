@@ -215,7 +215,7 @@ def test_deepspeed_batch_size_mismatch_is_one_line_not_a_hang(setup, tmp_path):
 
 def test_missing_deepspeed_names_the_extra(setup, monkeypatch, capsys):
     root, base, data, _ = setup
-    from autodeco import engines
+    from autodeco.training import engines
     from autodeco.cli import main
 
     real = importlib.util.find_spec

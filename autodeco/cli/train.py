@@ -60,6 +60,11 @@ _TYPES = {
 _METAVARS = {"control_share": "SHARE", "control_margin": "MARGIN", "control_weight": "WEIGHT", "control_seed": "SEED"}
 _FIELDS = tuple(f.name for f in dataclasses.fields(AutoDecoTrainingArguments) if f.init)
 _TRAINER_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+# Fields whose default is computed when the dataclass is built (use_cpu: no accelerator here; report_to: is
+# tensorboard installed): the parser leaves them unset unless given, so the dataclass computes them.
+_COMPUTED_DEFAULTS = tuple(f.name for f in dataclasses.fields(AutoDecoTrainingArguments)
+                           if f.init and f.default_factory is not dataclasses.MISSING
+                           and f.default_factory.__module__.startswith("autodeco"))
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -103,7 +108,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trainer-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="compatibility alias: set a transformers.TrainingArguments field (repeatable), e.g. "
                         "save_steps=50, report_to=none, bf16=true; list fields take comma-separated values")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, **{name: None for name in _COMPUTED_DEFAULTS})
     return p
 
 
@@ -168,7 +173,8 @@ def parse_trainer_args(pairs: list[tuple[str, str]]) -> dict:
 
 def training_arguments(args: argparse.Namespace) -> AutoDecoTrainingArguments:
     """The parsed `train` flags (and `--trainer-arg` pairs) as AutoDecoTrainingArguments."""
-    values = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
+    values = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)
+              and not (name in _COMPUTED_DEFAULTS and getattr(args, name) is None)}
     values.update(parse_trainer_args(getattr(args, "trainer_arg", [])))
     return AutoDecoTrainingArguments(**values)
 

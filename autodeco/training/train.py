@@ -13,7 +13,6 @@ run (autodeco.locks: a second run on it is refused). Details: docs/training.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ from autodeco.locks import OutputDirLock
 from autodeco.modeling import AutoDecoModelForCausalLM
 from autodeco.modeling.io import check_model_source, load_tokenizer, resolve_dtype
 from autodeco.training.arguments import AutoDecoTrainingArguments
+from autodeco.training.engines import check_engine_available
 from autodeco.training.trainer import CONTROL_LOGGED_METRICS, AutoDecoTrainer
 
 __all__ = ["load_model_for_training", "train_heads"]
@@ -126,16 +126,16 @@ def train_heads(model, data: str | os.PathLike | Sequence[str | os.PathLike] | A
     # Everything that can be wrong in the settings is checked before a model is loaded.
     control = config.control()
     resume = _resume_target(config)
-    # One run writes into an output directory at a time (autodeco.locks); under several processes the main one
-    # holds the lock for them all (the others write only what the Trainer coordinates).
-    lock = OutputDirLock(config.output_dir, "train") if config.process_index == 0 else contextlib.nullcontext()
-    with lock:
+    # One run writes into an output directory at a time (autodeco.locks: under several processes rank 0 holds it).
+    with OutputDirLock(config.output_dir, "train"):
         return _train_heads(model, data, config, control, resume, tokenizer=tokenizer, dtype=dtype,
                             trust_remote_code=trust_remote_code, verbose=verbose)
 
 
 def _train_heads(model, data, config: AutoDecoTrainingArguments, control, resume, *, tokenizer, dtype: str,
                  trust_remote_code: bool, verbose: bool) -> dict:
+    check_engine_available(config.deepspeed)  # a missing engine names its extra before any weights load
+    config.device  # sets up this process's place in the launch: process_index reads 0 on every rank before it
     main_process = verbose and config.process_index == 0
     output_dir = config.output_dir
 
