@@ -65,6 +65,20 @@ def _keep_count(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor
     return (mass_before < top_p.unsqueeze(-1)).sum(-1).clamp_min(1)  # [N]
 
 
+def _window_nucleus(scaled, top_p, window, log_z, top_values):
+    """The nucleus as the top-`window` logits see it: (k, log_z [N, 1], top_probs [N, k], keep [N], boundary [N, 1])."""
+    k = min(window, scaled.shape[-1])
+    if log_z is None:
+        log_z = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [N, 1] over the full vocabulary
+    if top_values is None or top_values.shape[-1] < k:
+        top_values = scaled.topk(k, dim=-1).values  # [N, k] descending
+    top_values = top_values[:, :k]
+    top_probs = (top_values - log_z).exp()
+    keep = _keep_count(top_probs, top_p)  # [N]
+    boundary = top_values.gather(-1, (keep - 1).clamp_max(k - 1).unsqueeze(-1))  # [N, 1]
+    return k, log_z, top_probs, keep, boundary
+
+
 def nucleus_filter(
     scaled: torch.Tensor,
     top_p: torch.Tensor,
@@ -99,17 +113,9 @@ def nucleus_filter(
         )
         return out
 
-    k = min(window, vocab)
-    if log_z is None:
-        log_z = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [N, 1] over the full vocabulary
-    if top_values is None or top_values.shape[-1] < k:
-        top_values = scaled.topk(k, dim=-1).values  # [N, k] descending
-    top_values = top_values[:, :k]
-    top_probs = (top_values - log_z).exp()
-    keep = _keep_count(top_probs, top_p)  # [N]
+    k, log_z, top_probs, keep, boundary = _window_nucleus(scaled, top_p, window, log_z, top_values)
     # The window decides the nucleus only if it holds at least P; otherwise the whole row must be sorted.
     uncovered = (keep >= k) & (top_probs.sum(-1) < top_p) if k < vocab else torch.zeros_like(keep, dtype=torch.bool)
-    boundary = top_values.gather(-1, (keep - 1).clamp_max(k - 1).unsqueeze(-1))  # [N, 1]
     if bool(uncovered.any()):
         rows = uncovered.nonzero().squeeze(-1)
         sorted_values = sort_descending(scaled[rows])  # [R, V]
@@ -144,15 +150,7 @@ def _nucleus_filter_branch_free(
     torch.where picks what that path would have computed (a full sort for rows the window does not cover, the
     lowest-id choice among a straddling tie group, the unchanged row for P >= 1). Only shapes are branched on."""
     vocab = scaled.shape[-1]
-    k = min(window, vocab)
-    if log_z is None:
-        log_z = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [N, 1] over the full vocabulary
-    if top_values is None or top_values.shape[-1] < k:
-        top_values = scaled.topk(k, dim=-1).values  # [N, k] descending
-    top_values = top_values[:, :k]
-    top_probs = (top_values - log_z).exp()
-    keep = _keep_count(top_probs, top_p)  # [N]
-    boundary = top_values.gather(-1, (keep - 1).clamp_max(k - 1).unsqueeze(-1))  # [N, 1]
+    k, log_z, top_probs, keep, boundary = _window_nucleus(scaled, top_p, window, log_z, top_values)
     if k < vocab:  # a shape test, not a data test: the window may not hold P, so sort every row once
         uncovered = (keep >= k) & (top_probs.sum(-1) < top_p)  # [N]
         sorted_values = sort_descending(scaled)  # [N, V]
