@@ -18,7 +18,14 @@ from autodeco.training.arguments import (
 )
 from autodeco.control import CONTROL_SETTINGS_NAME, load_control_settings, save_control_settings
 from autodeco.training.train import load_model_for_training, train_heads
-from autodeco.training.reward import OBJECTIVES, RewardTrainingArguments, load_problems, train_heads_reward
+from autodeco.training.reward import (
+    OBJECTIVES,
+    REWARD_FIELDS,
+    RewardSettings,
+    RewardTrainingArguments,
+    load_problems,
+    train_heads_reward,
+)
 from autodeco.training.reward_trainer import REWARD_LOGGED_METRICS, RewardTrainer
 from autodeco.training.engines import describe_engine
 from autodeco.training.trainer import (
@@ -41,6 +48,8 @@ __all__ = [
     "LOGGED_METRICS",
     "OBJECTIVES",
     "REWARD_LOGGED_METRICS",
+    "REWARD_FIELDS",
+    "RewardSettings",
     "RewardTrainer",
     "RewardTrainingArguments",
     "build_training_arguments",

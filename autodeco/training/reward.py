@@ -12,6 +12,7 @@ only the heads train (RewardTrainer, training/reward_trainer.py). Details: docs/
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -27,19 +28,52 @@ from autodeco.training.engines import check_engine_available
 from autodeco.training.reward_trainer import REWARD_LOGGED_METRICS, RewardTrainer
 from autodeco.training.train import _model_config, _resume_target, load_model_for_training
 
-__all__ = ["OBJECTIVES", "RewardTrainingArguments", "load_problems", "train_heads_reward"]
+__all__ = ["OBJECTIVES", "REWARD_FIELDS", "RewardSettings", "RewardTrainingArguments", "load_problems", "train_heads_reward"]
 
 # `autodeco train --objective`: the paper's likelihood objective (the default), or policy optimisation on a reward.
 OBJECTIVES = ("likelihood", "reward")
-# Fields only the reward objective reads (`autodeco train` refuses them with --objective likelihood).
-REWARD_FIELDS = ("group_size", "num_iterations", "clip_epsilon", "kl_coef", "entropy_coef", "reward", "reward_fn",
-                 "max_new_tokens", "generation_batch_size", "template")
 
 
 @dataclass
-class RewardTrainingArguments(AutoDecoTrainingArguments):
-    """AutoDecoTrainingArguments plus the reward objective's settings. per_device_train_batch_size counts problems:
-    a step sees per_device_train_batch_size x gradient_accumulation_steps x processes problems, G samples each."""
+class RewardSettings:
+    """The reward objective's own settings (each a flag of `autodeco train`, read with --objective reward)."""
+
+    group_size: int = field(default=8, metadata=_help(
+        "reward objective: G, completions sampled per problem per rollout; advantages are normalised within each "
+        "group (default 8)"))
+    num_iterations: int = field(default=1, metadata=_help(
+        "reward objective: optimizer steps on each sampled rollout (PPO epochs); > 1 uses the clipped importance "
+        "ratio (default 1)"))
+    clip_epsilon: float = field(default=0.2, metadata=_help(
+        "reward objective: PPO/GRPO ratio clip, rho in [1 - eps, 1 + eps] (default 0.2)"))
+    kl_coef: float = field(default=0.0, metadata=_help(
+        "reward objective: weight of the per-token KL penalty to the starting heads (k3 estimator; default 0 = off, "
+        "e.g. 0.04)"))
+    entropy_coef: float = field(default=0.0, metadata=_help(
+        "reward objective: weight of an entropy bonus on the sampling distribution (default 0 = off)"))
+    reward: str = field(default="auto", metadata=_help(
+        "reward objective: built-in reward, the evaluation's scorer: auto (each problem's kind), math, choice or "
+        "exact (default auto)"))
+    reward_fn: str | None = field(default=None, metadata=_help(
+        "reward objective: a Python reward instead, FILE.py:FUNC or MODULE:FUNC, called fn(problem, completion) -> "
+        "float (docs/training.md)"))
+    max_new_tokens: int = field(default=512, metadata=_help(
+        "reward objective: tokens per sampled completion at most (default 512)"))
+    generation_batch_size: int = field(default=32, metadata=_help(
+        "reward objective: sequences per generate call when sampling (default 32)"))
+    template: str | None = field(default=None, metadata=_help(
+        "reward objective: prompt template with {problem} and {instruction} (or a file holding one), as `autodeco "
+        "eval --template` (default: the eval's prompt)"))
+
+
+# Fields only the reward objective reads (`autodeco train` refuses them with --objective likelihood).
+REWARD_FIELDS = tuple(f.name for f in dataclasses.fields(RewardSettings))
+
+
+@dataclass
+class RewardTrainingArguments(RewardSettings, AutoDecoTrainingArguments):
+    """AutoDecoTrainingArguments plus RewardSettings. per_device_train_batch_size counts problems: a step sees
+    per_device_train_batch_size x gradient_accumulation_steps x processes problems, group_size samples each."""
 
     per_device_train_batch_size: int = field(default=4, metadata=_help(
         "problems per micro-batch on each device (each sampled group_size times)"))
@@ -48,25 +82,8 @@ class RewardTrainingArguments(AutoDecoTrainingArguments):
     max_steps: int = field(default=200, metadata=_help("optimizer steps to train for"))
     learning_rate: float = field(default=1e-4, metadata=_help(
         "peak AdamW learning rate; policy-gradient signals are noisier and sparser than the likelihood's, so the "
-        "small heads take a larger step than under --objective likelihood"))
+        "small heads take a larger step than under the likelihood objective"))
     save_steps: float = field(default=50, metadata=_help("steps between checkpoints (heads, optimizer, rollout)"))
-    group_size: int = field(default=8, metadata=_help(
-        "G: completions sampled per problem per rollout; advantages are normalised within each group"))
-    num_iterations: int = field(default=1, metadata=_help(
-        "optimizer steps on each sampled rollout (PPO epochs); > 1 uses the clipped importance ratio"))
-    clip_epsilon: float = field(default=0.2, metadata=_help("PPO/GRPO ratio clip: rho in [1 - eps, 1 + eps]"))
-    kl_coef: float = field(default=0.0, metadata=_help(
-        "weight of the per-token KL penalty to the starting heads (k3 estimator; 0 = off, e.g. 0.04)"))
-    entropy_coef: float = field(default=0.0, metadata=_help(
-        "weight of an entropy bonus on the sampling distribution (0 = off)"))
-    reward: str = field(default="auto", metadata=_help(
-        "built-in reward, the evaluation's scorer: auto (each problem's kind), math, choice or exact"))
-    reward_fn: str | None = field(default=None, metadata=_help(
-        "a Python reward instead: FILE.py:FUNC or MODULE:FUNC, called fn(problem, completion) -> float"))
-    max_new_tokens: int = field(default=512, metadata=_help("tokens per sampled completion at most"))
-    generation_batch_size: int = field(default=32, metadata=_help("sequences per generate call when sampling"))
-    template: str | None = field(default=None, metadata=_help(
-        "prompt template with {problem} and {instruction}, as `autodeco eval --template` (default: the eval's)"))
 
     def _check_autodeco_fields(self) -> None:
         super()._check_autodeco_fields()
