@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from autodeco import AutoDecoModelForCausalLM
 from autodeco.cli import main
-from autodeco.config import IGNORE_INDEX
 from autodeco.evaluation.benchmarks import build_prompt, load_benchmark
 from autodeco.evaluation.generation import encode_prompt
 from autodeco.evaluation.rewards import compute_rewards, resolve_reward
@@ -285,3 +290,32 @@ def test_cli_reward_run_and_bad_input(base_dir, problems_file, tmp_path, capsys)
     assert "has no attribute 'missing'" in error([*common, "--objective", "reward", "--data", str(problems_file),
                                                   "--reward-fn", f"{tmp_path / 'rewards.py'}:missing"])
     assert "--group-size applies to --objective reward only" in error([*common, "--data", str(problems_file)])
+
+
+def test_two_ddp_processes_match_one(base_dir, problems_file, tmp_path):
+    """accelerate launch, 2 CPU processes x 1 problem per step == 1 process x 2 problems: the same samples (seeded
+    per problem), the step's token mean over both processes, so the same heads up to float summation order."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "rewards.py").write_text("def reward(problem, completion):\n"
+                                         "    return float(completion.token_ids[0] % 3 == 0)\n")
+    common = ["train", "--objective", "reward", "--model", str(base_dir), "--data", str(problems_file),
+              "--reward-fn", f"{tmp_path / 'rewards.py'}:reward", "--max-steps", "3", "--group-size", "4",
+              "--max-new-tokens", "3", "--report-to", "none", "--learning-rate", "0.01", "--warmup-steps", "0",
+              "--kl-coef", "0.1", "--num-iterations", "2"]
+    assert main([*common, "--output-dir", str(tmp_path / "one"), "--per-device-train-batch-size", "2"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env.pop("ACCELERATE_USE_CPU", None)  # with it, accelerate launch would start a single process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(repo / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+                           "--main_process_port", str(port), "-m", "autodeco.cli", *common, "--output-dir",
+                           str(tmp_path / "two"), "--per-device-train-batch-size", "1"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = load_file(str(tmp_path / "one" / "autodeco_heads.safetensors"))
+    two = load_file(str(tmp_path / "two" / "autodeco_heads.safetensors"))
+    start = AutoDecoModelForCausalLM.from_base(str(base_dir), seed=42).heads_state_dict()
+    assert max(float((one[k] - start[k]).abs().max()) for k in one) > 1e-3  # the runs trained
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4

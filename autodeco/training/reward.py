@@ -106,7 +106,7 @@ class RewardTrainingArguments(RewardSettings, AutoDecoTrainingArguments):
             raise ValueError("--control-share applies to the likelihood objective only; drop it with --objective reward.")
 
 
-def load_problems(problems, template: str | None = None) -> list[Problem]:
+def load_problems(problems) -> list[Problem]:
     """Benchmark JSONL path(s), a Benchmark, or Problems -> a list of Problems (ids unique across files)."""
     if isinstance(problems, Benchmark):
         loaded = list(problems.problems)
