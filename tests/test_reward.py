@@ -202,7 +202,7 @@ class StopAt(TrainerCallback):
 
 def run(tmp_path, tokenizer, problems_file, fn, *, resume=None, stop=None, **overrides):
     model = peaky_model()
-    config = args_for(tmp_path, num_iterations=3, save_steps=2, kl_coef=0.1, **overrides)
+    config = args_for(tmp_path, num_iterations=3, save_steps=2, kl_coef=0.1, entropy_coef=0.01, **overrides)
     problems = load_benchmark(str(problems_file)).problems
     trainer = RewardTrainer(model=model, args=config, problems=problems,
                             prompts=[build_prompt(p, tokenizer) for p in problems], reward_fn=fn,

@@ -113,9 +113,9 @@ class RewardTrainer(AutoDecoTrainer):
         self.rollouts: dict[int, dict] = {}  # micro-batch position -> its sampled sequences, advantages, old logp
         self.skipped_groups_total = 0
         self._reward_window = torch.zeros(_SLOTS, dtype=torch.float64)
-        self._ref_model = self._tap = None
+        self._ref_model = self._tap = self._tap_handle = None
         if args.kl_coef > 0:
-            self._ref_model, self._tap = self._reference(model)
+            self._ref_model, self._tap, self._tap_handle = self._reference(model)
 
     @staticmethod
     def _reference(model):
@@ -126,8 +126,7 @@ class RewardTrainer(AutoDecoTrainer):
         for name in ("temperature_head", "top_p_head"):
             ref._modules[name] = copy.deepcopy(model._modules[name]).requires_grad_(False)
         tap = _HiddenTap()
-        model.get_output_embeddings().register_forward_pre_hook(tap)
-        return ref, tap
+        return ref, tap, model.get_output_embeddings().register_forward_pre_hook(tap)
 
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)  # order is ours
@@ -228,6 +227,8 @@ class RewardTrainer(AutoDecoTrainer):
         per_token, clipped = clipped_surrogate(logp, rollout["old_logp"].to(logp.device), adv, self.args.clip_epsilon)
         kl = None
         if self._ref_model is not None:
+            if self._tap_handle is None:
+                raise RuntimeError("RewardTrainer: the KL's hidden-state hook is gone; call train() once per trainer.")
             with torch.no_grad():
                 ref_t, ref_p = self._ref_model.predict_decoding(self._tap.value, out.logits)
                 ref_logp, _ = policy_log_probs(out.logits, ref_t, ref_p, tokens, alpha=config.soft_top_p_alpha)
@@ -294,4 +295,9 @@ class RewardTrainer(AutoDecoTrainer):
                 self.rollout_step, self.skipped_groups_total = state["rollout_step"], state["skipped_groups_total"]
                 self.rollouts = {int(j): {**r, "rows": [tuple(row) for row in r["rows"]]}
                                  for j, r in state["rollouts"].items()}
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            if self._tap_handle is not None:  # the model outlives the trainer: leave no hook holding hidden states
+                self._tap_handle.remove()
+                self._tap_handle = None
