@@ -176,7 +176,9 @@ class RewardTrainer(AutoDecoTrainer):
         for g, i in enumerate(indices):
             if not keep[g]:
                 continue
-            prompt_ids = self._prompt_ids.setdefault(i, encode_prompt(self.processing_class, self.prompts[i]))
+            if i not in self._prompt_ids:  # the same ids the engine sampled after (encode_prompt)
+                self._prompt_ids[i] = encode_prompt(self.processing_class, self.prompts[i])
+            prompt_ids = self._prompt_ids[i]
             for s in range(group):
                 rows.append((prompt_ids, completions[g][s].token_ids, float(advantages[g, s])))
         window = self._reward_window
