@@ -5,7 +5,7 @@ The fake engine wraps the transformers engine and declares `sequences_per_call`,
 builder hand it many work items per call; transformers seeds every request on its own, so its completions must
 equal the default path's exactly: a unit mapped to another unit's completions fails the comparison.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_eval_engines.py      # ~20 s
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_eval_engines.py      # ~10 s
 """
 
 from __future__ import annotations
