@@ -114,7 +114,8 @@ def build_training_data(
             raise ValueError(f"Two problem files are named '{name}'; give them different file names.")
 
     # Sampling from the base distribution: explicit T, P and top_k=0, so neither AutoDeco's heads nor a plain base's
-    # own generation defaults (top_k=50, T=0.7, ...) change it.
+    # own generation defaults (top_k=50, T=0.7, ...) change it. An engine gets the static method instead and must
+    # sample it the same way (VLLMEngine: the heads bypassed, explicit SamplingParams at top_k=0).
     kwargs = {**generation_kwargs(method), "do_sample": True, "top_k": 0}
     settings = data_settings_hash(model, method_spec=method.spec, n=n, max_new_tokens=max_new_tokens,
                                   template=template, seed=seed, engine=engine_name(engine))
