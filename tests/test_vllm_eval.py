@@ -173,3 +173,13 @@ def test_data_vllm_writes_usable_rows(setup, monkeypatch):
     assert len(rows) == sum(f and bool(c.strip()) for s in samples for c, f in zip(s["completions"], s["finished"]))
     examples, stats = load_examples([output], build_char_tokenizer())
     assert len(examples) == len(rows) and all(any(x != -100 for x in e["labels"]) for e in examples)
+
+
+@pytest.mark.parametrize("arg, says", [("tensor_paralel_size=2", "not a vllm.LLM"), ("seed=3", "set by autodeco")])
+def test_unknown_or_managed_vllm_arg_is_refused_before_loading(arg, says, setup, capsys):
+    root, model_dir, bench = setup
+    out = root / "never"
+    assert main(["eval", "--engine", "vllm", "--model", str(model_dir), "--benchmarks", str(bench),
+                 "--output-dir", str(out), "--vllm-arg", arg]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and arg.split("=")[0] in err and says in err and not out.exists()
