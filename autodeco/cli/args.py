@@ -83,6 +83,30 @@ def key_value(text: str) -> tuple[str, str]:
     return key.strip().replace("-", "_"), value
 
 
+def typed_value(text: str):
+    """A flag's VALUE as Python: an int, a float, true/false (bool), none (None), or the string itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def typed_key_value(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE typed (typed_value): 'tensor_parallel_size=8' -> ('tensor_parallel_size', 8)."""
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. gpu_memory_utilization=0.9), got '{text}'")
+    return key, typed_value(value)
+
+
 def read_template(value: str | None, flag: str = "--template") -> str | None:
     """A prompt template given literally (it contains {problem}) or as the path of a file holding one."""
     if value is None:

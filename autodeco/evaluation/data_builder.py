@@ -27,11 +27,14 @@ from autodeco.evaluation.benchmarks import Benchmark, build_prompt, load_benchma
 from autodeco.evaluation.generation import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
+    Engine,
     GenerationRequest,
     check_prompts_fit,
+    engine_name,
     generate_completions,
+    sequences_per_call,
 )
-from autodeco.evaluation.methods import static_method
+from autodeco.evaluation.methods import generation_kwargs, static_method
 from autodeco.evaluation.records import RecordStore, data_settings_hash, sample_key, sampling_seed
 from autodeco.locks import OutputDirLock
 
@@ -48,6 +51,17 @@ def _check_positive(name: str, value, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _waves(calls: list[list[tuple]], n: int, per_call: int | None) -> list[list[list[tuple]]]:
+    """Consecutive calls handed to the engine together, up to `per_call` sequences (None: one call each)."""
+    waves: list[list[list[tuple]]] = []
+    for call in calls:
+        if per_call is not None and waves and sum(len(c) for c in waves[-1]) * n + len(call) * n <= per_call:
+            waves[-1].append(call)
+        else:
+            waves.append([call])
+    return waves
 
 
 def build_training_data(
@@ -68,13 +82,17 @@ def build_training_data(
     progress: bool = True,
     verbose: bool = True,
     pack_samples: bool = False,
+    engine: Engine | None = None,
 ) -> dict:
     """Sample `n` solutions per problem, keep the verified, finished, distinct ones (at most `max_per_problem`
     per problem) and write them to `output` as prompt/completion JSONL. Returns (and with `verbose` prints) the
     counts per benchmark: problems, samples, finished (ended with EOS), correct, usable (correct and finished),
     distinct (usable, deduplicated), kept (after the cap), problems_with_data (>= 1 kept).
 
-    pack_samples: sample up to max(1, batch_size // n) problems per `generate` call (see docs/evaluation.md)."""
+    pack_samples: sample up to max(1, batch_size // n) problems per `generate` call (see docs/evaluation.md).
+    engine: another generation backend (generation.Engine, e.g. autodeco.vllm.engine.VLLMEngine), given the static
+    method at (temperature, top_p); None samples with transformers' `model.generate`. A non-"hf" engine's name
+    enters the sample keys; `model` still gives the keys and the prompt-length check."""
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     _check_positive("n", n)
@@ -96,10 +114,11 @@ def build_training_data(
             raise ValueError(f"Two problem files are named '{name}'; give them different file names.")
 
     # Sampling from the base distribution: explicit T, P and top_k=0, so neither AutoDeco's heads nor a plain base's
-    # own generation defaults (top_k=50, T=0.7, ...) change it.
-    kwargs = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    # own generation defaults (top_k=50, T=0.7, ...) change it. An engine gets the static method instead and must
+    # sample it the same way (VLLMEngine: the heads bypassed, explicit SamplingParams at top_k=0).
+    kwargs = {**generation_kwargs(method), "do_sample": True, "top_k": 0}
     settings = data_settings_hash(model, method_spec=method.spec, n=n, max_new_tokens=max_new_tokens,
-                                  template=template, seed=seed)
+                                  template=template, seed=seed, engine=engine_name(engine))
     jobs = []
     for b in benchmarks:
         for index, problem in enumerate(b.problems):
@@ -129,25 +148,34 @@ def build_training_data(
             bar = tqdm(total=len(pending), desc="sampling solutions", unit="problem", dynamic_ncols=True)
         store.open()
         try:
-            for call in calls:
-                b, _, first, _, first_key = call[0]
-                call_seed = sampling_seed(seed, method.spec, b.name, first.id, 0)
-                requests = [GenerationRequest(prompt, n, call_seed, group=first_key if pack_samples else None)
-                            for _, _, _, prompt, _ in call]
-                outputs = generate_completions(model, tokenizer, requests, generation_kwargs=kwargs,
-                                               max_new_tokens=max_new_tokens, batch_size=batch_size)
-                for (b, index, problem, prompt, key), samples in zip(call, outputs):
+            for wave in _waves(calls, n, sequences_per_call(engine)):
+                requests, placed = [], []
+                for call in wave:
+                    b, _, first, _, first_key = call[0]
+                    call_seed = sampling_seed(seed, method.spec, b.name, first.id, 0)
+                    for job in call:
+                        requests.append(GenerationRequest(job[3], n, call_seed,
+                                                          group=first_key if pack_samples else None))
+                        placed.append((job, call_seed, len(call)))
+                if engine is not None:
+                    outputs = engine.generate(requests, method=method, max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size)
+                else:  # generate_completions: a module global, so tests can stub it
+                    outputs = generate_completions(model, tokenizer, requests, generation_kwargs=kwargs,
+                                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+                for ((b, index, problem, prompt, key), call_seed, packed), samples in zip(placed, outputs):
                     texts = [c.text for c in samples]
                     record = {"key": key, "benchmark": b.name, "problem_id": problem.id, "prompt": prompt,
                               "completions": texts, "correct": score_completions(problem, texts),
                               "finished": [c.finished for c in samples], "tokens": [c.num_tokens for c in samples]}
                     if pack_samples:
                         record["sampling_seed"] = call_seed
-                        record["packed_problems"] = len(call)
+                        record["packed_problems"] = packed
                     store.append(record)
                     done[key] = record
+                del outputs  # the wave's completions: memory stays one wave's, however many problems
                 if bar is not None:
-                    bar.update(len(call))
+                    bar.update(len(placed))
         finally:
             store.close()
             if bar is not None:

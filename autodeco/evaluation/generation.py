@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -28,6 +28,8 @@ __all__ = [
     "Completion",
     "Engine",
     "TransformersEngine",
+    "engine_name",
+    "sequences_per_call",
     "encode_prompt",
     "check_prompts_fit",
     "model_context_length",
@@ -272,16 +274,38 @@ def generate_completions(model, tokenizer, requests: Sequence[GenerationRequest]
 
 
 class Engine(Protocol):
-    """A generation backend: what run_evaluation needs to sample a decoding method (the seam for vLLM).
+    """A generation backend: what run_evaluation and build_training_data need to sample a decoding method.
 
-    `generate` returns, for each request in order, `request.num_samples` Completions decoded with `method` (already
-    resolved: never oracle/meanshift), with the same seeding contract as generate_completions: a seeded request is
-    reproducible on its own (or, packed, with its group), unseeded requests are deterministic. Completions carry the
-    per-token T and P each token was sampled with (None when the backend cannot report them).
+    `name` identifies the backend in records ("hf" for transformers; any other name enters the settings hash, so
+    records of different engines never mix). `generate` returns, for each request in order, `request.num_samples`
+    Completions decoded with `method` (already resolved: never oracle/meanshift), with the same seeding contract as
+    generate_completions: a seeded request is reproducible on its own (or, packed, with its group), unseeded
+    requests are deterministic. Completions carry the per-token T and P each token was sampled with (None when the
+    backend cannot report them).
+
+    Optional `sequences_per_call` (int): the engine seeds every request itself, so its results do not depend on
+    which other requests share a call; the callers then hand it the requests of many work items at once (up to
+    that many sequences), which is what a continuous-batching engine needs to be fast. Absent or None: one work
+    item (unit) per call, as transformers' seeding (`torch.manual_seed` per call) requires.
     """
+
+    name: str
 
     def generate(self, requests: Sequence[GenerationRequest], *, method: Method, max_new_tokens: int,
                  batch_size: int) -> list[list[Completion]]: ...
+
+
+def sequences_per_call(engine) -> int | None:
+    """How many sequences `engine` takes in one call across work items (None: one work item per call)."""
+    value = getattr(engine, "sequences_per_call", None) if engine is not None else None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"engine.sequences_per_call must be a positive integer or None, got {value!r}.")
+    return value
+
+
+def engine_name(engine) -> str:
+    """The engine's name for records: "hf" for None (transformers' generate) or an engine without a name."""
+    return str(getattr(engine, "name", "hf")) if engine is not None else "hf"
 
 
 @dataclass
@@ -290,6 +314,7 @@ class TransformersEngine:
 
     model: object
     tokenizer: object
+    name: ClassVar[str] = "hf"
 
     def generate(self, requests: Sequence[GenerationRequest], *, method: Method, max_new_tokens: int,
                  batch_size: int) -> list[list[Completion]]:

@@ -73,8 +73,11 @@ def model_fingerprint(model) -> str:
 
 
 def eval_settings_hash(model, *, max_new_tokens: int, template: str | None, seed: int, pack_samples: bool,
-                       batch_size: int) -> str:
-    """The hash of everything besides the work item that determines an evaluation record (part of every key)."""
+                       batch_size: int, engine: str = "hf") -> str:
+    """The hash of everything besides the work item that determines an evaluation record (part of every key).
+
+    `engine`: the generation engine's name; another engine samples other tokens from the same seeds, so a non-"hf"
+    name enters the hash (and "hf" does not, so records written before engines existed keep their keys)."""
     settings = {
         "format": RECORD_FORMAT,
         "max_new_tokens": max_new_tokens,
@@ -85,6 +88,8 @@ def eval_settings_hash(model, *, max_new_tokens: int, template: str | None, seed
     if pack_samples:  # packed results depend on the grouping; unpacked keys stay as they were
         settings["pack_samples"] = True
         settings["batch_size"] = batch_size
+    if engine != "hf":
+        settings["engine"] = engine
     return _sha(settings)[:16]
 
 
@@ -102,10 +107,13 @@ def item_key(settings_hash: str, method_spec: str, benchmark: str, problem, seed
 
 
 def data_settings_hash(model, *, method_spec: str, n: int, max_new_tokens: int, template: str | None,
-                       seed: int) -> str:
-    """The data builder's settings hash (part of every sample key)."""
-    return _sha({"data": 1, "spec": method_spec, "n": n, "max_new_tokens": max_new_tokens, "template": template,
-                 "seed": seed, "model": model_fingerprint(model)})[:16]
+                       seed: int, engine: str = "hf") -> str:
+    """The data builder's settings hash (part of every sample key); `engine` as in eval_settings_hash."""
+    settings = {"data": 1, "spec": method_spec, "n": n, "max_new_tokens": max_new_tokens, "template": template,
+                "seed": seed, "model": model_fingerprint(model)}
+    if engine != "hf":
+        settings["engine"] = engine
+    return _sha(settings)[:16]
 
 
 def sample_key(settings_hash: str, benchmark: str, problem, prompt: str) -> str:

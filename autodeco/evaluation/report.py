@@ -76,7 +76,8 @@ def results_markdown(results: dict) -> str:
         f"Model: `{results.get('model')}`"
         + (f" (base `{results['base_model']}`)" if results.get("base_model") not in (None, results.get("model")) else "")
         + f". {settings['n']} samples x {settings['seeds']} seeds per problem, at most "
-        f"{settings['max_new_tokens']} new tokens, seed {settings['seed']}, {settings['processes']} process(es). "
+        f"{settings['max_new_tokens']} new tokens, seed {settings['seed']}, {settings['processes']} process(es)"
+        + (f", engine {settings['engine']}" if settings.get("engine", "hf") != "hf" else "") + ". "
         "Numbers are percent; column headers give the number of problems; Avg is the unweighted mean over "
         "benchmarks; the best value of each column is in bold.",
         "",

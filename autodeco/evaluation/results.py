@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from autodeco.evaluation.benchmarks import Benchmark
+from autodeco.evaluation.generation import engine_name
 from autodeco.evaluation.methods import ORACLE_TEMPERATURES, ORACLE_TOP_PS, Method, parse_methods, static_method
 from autodeco.evaluation.metrics import average_metrics, compute_metrics
 from autodeco.features import entropy
@@ -145,6 +146,7 @@ def assemble_results(ctx, benchmarks, methods, records, items_for, *, n, seeds, 
             "template": ctx.template, "seed": ctx.base_seed, "oracle_n": oracle_n, "oracle_seeds": oracle_seeds,
             "processes": ctx.world_size, "calibration_files": [str(f) for f in calibration_files or ()],
             "pack_samples": bool(pack_samples), "settings_hash": ctx.settings_hash,
+            "engine": engine_name(getattr(ctx, "engine", None)),
         },
         "benchmarks": {b.name: {"problems": len(b.problems), "kind": b.kind} for b in benchmarks},
         "methods": [m.spec for m in methods],

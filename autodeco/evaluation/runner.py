@@ -39,7 +39,9 @@ from autodeco.evaluation.generation import (
     GenerationRequest,
     check_prompts_fit,
     encode_prompt,
+    engine_name,
     generate_completions,
+    sequences_per_call,
 )
 from autodeco.evaluation.methods import (
     ORACLE_TEMPERATURES,
@@ -169,23 +171,36 @@ def _generate(ctx: _Context, method: Method, requests: list[GenerationRequest]) 
                                 max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size)
 
 
-def _run_unit(ctx: _Context, unit: list[WorkItem]) -> list[dict]:
+def _unit_requests(ctx: _Context, unit: list[WorkItem]) -> list[GenerationRequest]:
     method = unit[0].method
     if ctx.pack_samples and not unit[0].deterministic:
         # One seed for the unit (that of its first problem), its prompts sampled together.
         first = unit[0]
         seed = sampling_seed(ctx.base_seed, method.spec, first.benchmark, first.problem.id, first.seed)
-        requests = [GenerationRequest(item.prompt, item.n, seed, group=first.key) for item in unit]
-    else:
-        requests = [
-            GenerationRequest(item.prompt, item.n, None if item.deterministic else
-                              sampling_seed(ctx.base_seed, method.spec, item.benchmark, item.problem.id, item.seed))
-            for item in unit
-        ]
+        return [GenerationRequest(item.prompt, item.n, seed, group=first.key) for item in unit]
+    return [
+        GenerationRequest(item.prompt, item.n, None if item.deterministic else
+                          sampling_seed(ctx.base_seed, method.spec, item.benchmark, item.problem.id, item.seed))
+        for item in unit
+    ]
+
+
+def _run_units(ctx: _Context, units: list[list[WorkItem]]) -> list[list[dict]]:
+    """Generate the units of one method in a single call (one unit, unless the engine takes several: see
+    generation.Engine.sequences_per_call) and return each unit's records."""
+    method = units[0][0].method
+    unit_of: list[int] = []
+    items: list[WorkItem] = []
+    requests: list[GenerationRequest] = []
+    for u, unit in enumerate(units):
+        for item, request in zip(unit, _unit_requests(ctx, unit)):
+            unit_of.append(u)
+            items.append(item)
+            requests.append(request)
     start = time.perf_counter()
     completions = _generate(ctx, method, requests)
     records = []
-    for item, request, samples in zip(unit, requests, completions):
+    for item, request, samples in zip(items, requests, completions):
         texts = [c.text for c in samples]
         correct = score_completions(item.problem, texts)
         answers = [extract_answer(text, item.problem.kind) for text in texts]
@@ -226,10 +241,29 @@ def _run_unit(ctx: _Context, unit: list[WorkItem]) -> list[dict]:
                                  "temperatures": first.temperatures, "top_ps": first.top_ps}
         records.append(record)
     seconds = (time.perf_counter() - start) / max(1, len(records))
-    for record in records:
+    by_unit: list[list[dict]] = [[] for _ in units]
+    for u, record in zip(unit_of, records):
         record["seconds"] = seconds
         record["rank"] = ctx.rank  # which process made it (for the logs; results never depend on it)
-    return records
+        by_unit[u].append(record)
+    return by_unit
+
+
+def _waves(units: list[list[WorkItem]], per_call: int | None) -> list[list[list[WorkItem]]]:
+    """Consecutive units of one method, up to `per_call` sequences together (at least one unit per wave);
+    per_call None: one unit per wave. Records are written after each wave, so a killed run loses at most one."""
+    waves: list[list[list[WorkItem]]] = []
+    size = 0
+    for unit in units:
+        sequences = sum(item.n for item in unit)
+        if (per_call is not None and waves and waves[-1][0][0].method == unit[0].method
+                and size + sequences <= per_call):
+            waves[-1].append(unit)
+            size += sequences
+        else:
+            waves.append([unit])
+            size = sequences
+    return waves
 
 
 def _execute(ctx: _Context, store: RecordStore, items: list[WorkItem], done: set[str], desc: str) -> None:
@@ -256,14 +290,15 @@ def _execute(ctx: _Context, store: RecordStore, items: list[WorkItem], done: set
         bar = tqdm(total=total, desc=desc if ctx.world_size == 1 else f"{desc} [rank {ctx.rank}]",
                    unit="item", file=sys.stderr, dynamic_ncols=True, position=ctx.rank)
     try:
-        for unit in mine:
+        for wave in _waves(mine, sequences_per_call(ctx.engine)):
             written = 0
-            for record in _run_unit(ctx, unit):
-                if record["key"] in done:  # packed: a finished item of a unit that is regenerated
-                    continue
-                store.append(record)
-                done.add(record["key"])
-                written += 1
+            for unit_records in _run_units(ctx, wave):
+                for record in unit_records:
+                    if record["key"] in done:  # packed: a finished item of a unit that is regenerated
+                        continue
+                    store.append(record)
+                    done.add(record["key"])
+                    written += 1
             if bar is not None:
                 bar.update(written)
     finally:
@@ -343,8 +378,10 @@ def run_evaluation(
     `output_dir`; returns the results.json content. What each number means: docs/evaluation.md.
 
     pack_samples: sample up to max(1, batch_size // n) problems per `generate` call (much faster for small models;
-    results then depend on batch_size). engine: another generation backend (generation.Engine); None samples with
-    transformers' `model.generate`. `model` is still used for the record keys, MeanShift calibration and plots."""
+    results then depend on batch_size). engine: another generation backend (generation.Engine, e.g.
+    autodeco.vllm.engine.VLLMEngine); None samples with transformers' `model.generate`. A non-"hf" engine's name
+    enters the record keys. `model` is still used for the record keys, prompt-length checks, MeanShift calibration
+    and plots."""
     if isinstance(methods, str):
         methods = parse_methods(methods)
     methods = list(methods)
@@ -360,7 +397,8 @@ def run_evaluation(
     model.eval()
 
     settings_hash = eval_settings_hash(model, max_new_tokens=max_new_tokens, template=template, seed=seed,
-                                       pack_samples=bool(pack_samples), batch_size=batch_size)
+                                       pack_samples=bool(pack_samples), batch_size=batch_size,
+                                       engine=engine_name(engine))
     ctx = _Context(model, tokenizer, output_dir, max_new_tokens, batch_size, seed, template, settings_hash, rank,
                    world, progress, bool(pack_samples), engine=engine)
     for b in benchmarks:

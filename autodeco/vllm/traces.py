@@ -7,7 +7,9 @@ up to the float noise between vLLM's and transformers' kernels (~1e-6 relative i
 
 Memory does not grow with the trace beyond the KV cache itself: the sequence goes through in chunks of `chunk`
 positions with the cache carried over, and only the chunk's logits [chunk, V] exist at once (a 32K-token trace at
-V = 152K would otherwise need 19 GB of float32 logits).
+V = 152K would otherwise need 19 GB of float32 logits). The cache and the last chunk's outputs are dropped before
+the call returns, so nothing is kept from one completion to the next (a 32K-token run stays at one trace's peak).
+`model=` reuses an AutoDeco model that is already loaded (the evaluation's own) instead of loading a second copy.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from autodeco.modeling import AutoDecoModelForCausalLM
 class TeacherForcedTraces:
     """Callable (prompt_ids, completion_ids) -> (temperatures, top_ps), lists of len(completion_ids) floats."""
 
-    def __init__(self, model_dir: str, *, device: str | None = None, dtype=None, chunk: int = 256):
+    def __init__(self, model_dir: str, *, device: str | None = None, dtype=None, chunk: int = 256, model=None):
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"trace chunk must be a positive number of positions, got {chunk!r}.")
         self.model_dir = model_dir
+        if model is not None:  # a loaded model runs where it lives, in its dtype
+            device, dtype = str(model.device), model.dtype
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float32 if self.device == "cpu" else torch.bfloat16)
         self.chunk = chunk
-        self._model = None
+        self._model = model.eval() if model is not None else None
 
     @property
     def model(self):
@@ -56,4 +62,5 @@ class TeacherForcedTraces:
             if keep > 0:
                 temperatures += out.temperature[0, -keep:].float().cpu().tolist()
                 top_ps += out.top_p[0, -keep:].float().cpu().tolist()
+        del out, cache  # this trace's KV cache and last chunk: freed now, not when the next trace overwrites them
         return temperatures, top_ps
