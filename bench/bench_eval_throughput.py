@@ -26,6 +26,17 @@ from pathlib import Path
 from bench_vllm import build_model  # one definition of the benchmark model (run from bench/ as a script)
 
 
+def _timed(fn, total: list[float]):
+    """fn, adding the seconds each call takes to total[0]."""
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+    return timed
+
+
 def _benchmark_file(directory: Path, problems: int) -> Path:
     path = directory / "bench.jsonl"
     rows = [{"id": f"p{i}", "problem": f"What is {i} + {2 * i}? Explain.", "gt": str(3 * i)} for i in range(problems)]
@@ -54,37 +65,11 @@ def run(engine_name: str, model_dir: Path, work: Path, args) -> dict:
                             enforce_eager=True, max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=args.kv_bytes,
                             distributed_executor_backend="uni", max_num_batched_tokens=65536)
         engine.llm("dynamic")  # the load is not what this benchmark times
-        inner = engine.generate
         tracer = engine.tracer
-
-        def traced(*a, **k):  # the teacher-forced T/P pass, part of generation: timed on its own too
-            start = time.perf_counter()
-            try:
-                return tracer(*a, **k)
-            finally:
-                tracing[0] += time.perf_counter() - start
-
-        engine.tracer = traced
-
-        def timed(*a, **k):
-            start = time.perf_counter()
-            try:
-                return inner(*a, **k)
-            finally:
-                generation[0] += time.perf_counter() - start
-
-        engine.generate = timed
+        engine.tracer = _timed(tracer, tracing)  # the teacher-forced T/P pass, timed on its own too
+        engine.generate = _timed(engine.generate, generation)
     else:
-        inner = runner.generate_completions
-
-        def timed(*a, **k):
-            start = time.perf_counter()
-            try:
-                return inner(*a, **k)
-            finally:
-                generation[0] += time.perf_counter() - start
-
-        runner.generate_completions = timed
+        runner.generate_completions = _timed(runner.generate_completions, generation)
     start = time.perf_counter()
     try:
         results = runner.run_evaluation(
