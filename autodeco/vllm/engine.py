@@ -268,8 +268,9 @@ class VLLMEngine:
             return
         if self.tracer is None:
             return
-        for c in completions:
-            t, p = self.tracer(prompt_ids, c.token_ids)
+        # One batched pass per request: the prompt once for its n samples (autodeco.vllm.traces).
+        traces = self.tracer.many(prompt_ids, [c.token_ids for c in completions])
+        for c, (t, p) in zip(completions, traces):
             if profile == "temperature-only":
                 p = [1.0] * len(p)
             elif profile == "top-p-only":
