@@ -19,7 +19,8 @@ Only one load is alive at a time (switching methods reloads). Seeds: a seeded re
 (vLLM gives its n samples seed, seed+1, ...); requests packed in a group get a seed derived from (seed, position)
 so they do not share a random stream. Results are reproducible per seed but not equal to the transformers path's.
 Traces: static methods report their constants; the others a teacher-forced pass of the transformers AutoDeco
-model over prompt + completion (autodeco.vllm.traces), exactly the heads' values up to float noise.
+model over prompt + completion (autodeco.vllm.traces, a request's samples in one batch over one prompt cache),
+exactly the heads' values up to float noise.
 """
 
 from __future__ import annotations
@@ -268,8 +269,9 @@ class VLLMEngine:
             return
         if self.tracer is None:
             return
-        for c in completions:
-            t, p = self.tracer(prompt_ids, c.token_ids)
+        # One batched pass per request: the prompt once for its n samples (autodeco.vllm.traces).
+        traces = self.tracer.many(prompt_ids, [c.token_ids for c in completions])
+        for c, (t, p) in zip(completions, traces):
             if profile == "temperature-only":
                 p = [1.0] * len(p)
             elif profile == "top-p-only":
