@@ -19,6 +19,13 @@ class DemoSettings:
     heads_learning_rate: float = 1e-3
     control_share: float = 0.5
     control_prompts: int = 100
+    probe_n: int = 2  # the headroom probe: samples per problem and seed, for each setting
+    probe_seeds: int = 2
+    reward_steps: int = 60  # heads trained on the verifier's reward, from the likelihood heads
+    reward_problems: int = 16  # problems per step, each sampled reward_group_size times
+    reward_group_size: int = 8
+    reward_iterations: int = 2  # optimizer steps per sampled batch (the clipped importance ratio on the second)
+    reward_learning_rate: float = 3e-3
     n: int = 4  # samples per problem and seed
     seeds: int = 3
     oracle_n: int = 2
@@ -30,4 +37,5 @@ class DemoSettings:
 
 FULL = DemoSettings()
 QUICK = DemoSettings(train_problems=240, test_problems=40, heads_steps=60, control_prompts=20, n=2, seeds=2,
-                     oracle_n=1, oracle_seeds=1)
+                     oracle_n=1, oracle_seeds=1, probe_n=1, probe_seeds=1, reward_steps=4, reward_problems=8,
+                     reward_group_size=4)
