@@ -5,9 +5,10 @@
     autodeco train ... --resume                    # continue the last checkpoint-* in --output-dir
     autodeco train ... --save-steps 50 --report-to none        # every TrainingArguments field is a flag
     autodeco train ... --control-share 0.3 [--control-margin 0.1] [--control-weight 1.0]   # decoding control
+    autodeco train --objective reward --model runs/heads --data problems.jsonl --output-dir runs/rl --group-size 8
     accelerate launch --config_file configs/accelerate/ddp.yaml -m autodeco.cli train ...        # several GPUs
 
-The subcommand's parser is an HfArgumentParser over AutoDecoTrainingArguments (the parser class of every
+The subcommand's parser is an HfArgumentParser over AutoDecoTrainingArguments and RewardSettings (the parser class of every
 subcommand is autodeco.cli.args.CommandParser), so each field is a flag; `--trainer-arg KEY=VALUE` stays as a
 compatibility alias for the TrainingArguments fields. Defaults and their reasons: autodeco/training/arguments.py.
 """
@@ -29,8 +30,18 @@ from autodeco.cli.args import (
     positive_float,
     positive_int,
     ratio,
+    read_template,
 )
-from autodeco.training import FORCED_TRAINING_ARGUMENTS, AutoDecoTrainingArguments, train_heads
+from autodeco.training import (
+    FORCED_TRAINING_ARGUMENTS,
+    OBJECTIVES,
+    REWARD_FIELDS,
+    AutoDecoTrainingArguments,
+    RewardSettings,
+    RewardTrainingArguments,
+    train_heads,
+    train_heads_reward,
+)
 from autodeco.validation import check_input_file
 
 __all__ = ["cmd_train", "parse_trainer_args", "register"]
@@ -56,9 +67,16 @@ _TYPES = {
     "learning_rate": positive_float, "max_length": positive_int, "easy_token_mask_ratio": ratio,
     "soft_top_p_alpha": positive_float, "max_temperature": positive_float, "head_hidden_size": positive_int,
     "control_share": ratio, "control_margin": non_negative_float, "control_weight": non_negative_float,
+    "group_size": positive_int, "num_iterations": positive_int, "clip_epsilon": ratio, "kl_coef": non_negative_float,
+    "entropy_coef": non_negative_float, "max_new_tokens": positive_int, "generation_batch_size": positive_int,
 }
-_METAVARS = {"control_share": "SHARE", "control_margin": "MARGIN", "control_weight": "WEIGHT", "control_seed": "SEED"}
-_FIELDS = tuple(f.name for f in dataclasses.fields(AutoDecoTrainingArguments) if f.init)
+_METAVARS = {"control_share": "SHARE", "control_margin": "MARGIN", "control_weight": "WEIGHT", "control_seed": "SEED",
+             "group_size": "G", "reward_fn": "FILE.py:FUNC", "template": "TEXT_OR_FILE"}
+_FIELDS = tuple(f.name for f in dataclasses.fields(RewardTrainingArguments) if f.init)
+_LIKELIHOOD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AutoDecoTrainingArguments) if f.init}
+# Fields whose default depends on --objective: the parser leaves them unset, and the objective's dataclass fills them.
+_OBJECTIVE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RewardTrainingArguments)
+                       if f.name in _LIKELIHOOD_DEFAULTS and f.default != _LIKELIHOOD_DEFAULTS[f.name]}
 _TRAINER_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 # Fields whose default is computed when the dataclass is built (use_cpu: no accelerator here; report_to: is
 # tensorboard installed): the parser leaves them unset unless given, so the dataclass computes them.
@@ -71,9 +89,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add `train` to `subparsers` (made by autodeco.cli.build_parser, whose parser class is CommandParser)."""
     p = subparsers.add_parser(
         "train",
-        dataclass_types=AutoDecoTrainingArguments,
-        usage="autodeco train --model BASE_OR_AUTODECO_DIR --data FILE [FILE ...] --output-dir DIR [--heads HEADS] "
-              "[--resume [CHECKPOINT_DIR]] [--control-share SHARE] [any flag below ...]",
+        dataclass_types=[AutoDecoTrainingArguments, RewardSettings],
+        usage="autodeco train [--objective likelihood|reward] --model BASE_OR_AUTODECO_DIR --data FILE [FILE ...] "
+              "--output-dir DIR [--heads HEADS] [--resume [CHECKPOINT_DIR]] [--control-share SHARE] [--group-size G] "
+              "[--reward-fn FILE.py:FUNC] [any flag below ...]",
         help="train the temperature / top-p heads on a frozen base from JSONL data",
         description="Train AutoDeco heads on a frozen base model with transformers' Trainer. Checkpoints "
         "(heads + optimizer/scheduler/RNG state) go to OUTPUT_DIR/checkpoint-*; the final heads, config and "
@@ -88,11 +107,20 @@ def register(subparsers) -> argparse.ArgumentParser:
         actions[dest].type = kind
     for dest, metavar in _METAVARS.items():
         actions[dest].metavar = metavar
+    for dest, reward_default in _OBJECTIVE_DEFAULTS.items():
+        actions[dest].help = (f"{actions[dest].help.rstrip()} (default {_LIKELIHOOD_DEFAULTS[dest]:g}; "
+                              f"{reward_default:g} with --objective reward)")
+    p.add_argument("--objective", default="likelihood", metavar="OBJECTIVE",
+                   help="likelihood (default): the paper's losses on {prompt, completion} rows; reward: heads-only "
+                        "policy optimisation (GRPO-style) with a verifiable reward on benchmark rows {problem, gt} "
+                        "(docs/training.md)")
     p.add_argument("--model", required=True,
                    help="AutoDeco directory (heads are loaded and trained further) or a plain base causal LM "
                         "(directory or hub name; fresh heads are created on it)")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                   help="one or more JSONL files of {\"prompt\", \"completion\"} or {\"messages\"} rows")
+                   help="one or more JSONL files of {\"prompt\", \"completion\"} or {\"messages\"} rows; with "
+                        "--objective reward, benchmark files of {\"problem\", \"gt\"} rows (optional id, kind), "
+                        "prompted as `autodeco eval` prompts them")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR",
                    dest="resume_from_checkpoint",
                    help="resume from a checkpoint directory, or with no value (or 'latest') from the last "
@@ -108,7 +136,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trainer-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="compatibility alias: set a transformers.TrainingArguments field (repeatable), e.g. "
                         "save_steps=50, report_to=none, bf16=true; list fields take comma-separated values")
-    p.set_defaults(func=cmd_train, **{name: None for name in _COMPUTED_DEFAULTS})
+    p.set_defaults(func=cmd_train, **{name: None for name in (*_COMPUTED_DEFAULTS, *_OBJECTIVE_DEFAULTS, *REWARD_FIELDS)})
     return p
 
 
@@ -171,17 +199,39 @@ def parse_trainer_args(pairs: list[tuple[str, str]]) -> dict:
     return result
 
 
+def _objective(args: argparse.Namespace) -> str:
+    objective = getattr(args, "objective", "likelihood")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}; use likelihood (the "
+                         "default) or reward.")
+    return objective
+
+
 def training_arguments(args: argparse.Namespace) -> AutoDecoTrainingArguments:
-    """The parsed `train` flags (and `--trainer-arg` pairs) as AutoDecoTrainingArguments."""
+    """The parsed `train` flags (and `--trainer-arg` pairs) as AutoDecoTrainingArguments, or as
+    RewardTrainingArguments with --objective reward."""
+    reward = _objective(args) == "reward"
+    unset = {*_COMPUTED_DEFAULTS, *_OBJECTIVE_DEFAULTS, *REWARD_FIELDS}  # None: the dataclass's default
     values = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)
-              and not (name in _COMPUTED_DEFAULTS and getattr(args, name) is None)}
+              and not (name in unset and getattr(args, name) is None)}
+    if not reward:
+        given = [name for name in REWARD_FIELDS if name in values]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to --objective reward only; add --objective "
+                             "reward, or drop the flag.")
     values.update(parse_trainer_args(getattr(args, "trainer_arg", [])))
-    return AutoDecoTrainingArguments(**values)
+    if reward and "template" in values:
+        values["template"] = read_template(values["template"])
+    return (RewardTrainingArguments if reward else AutoDecoTrainingArguments)(**values)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
     """Run `autodeco train`; returns the summary it prints (a dict, for scripts and tests)."""
+    objective = _objective(args)
     for path in args.data:  # a directory or a missing file, named with the flag, before anything loads
         check_input_file(path, "--data")
-    return train_heads(args.model, args.data, training_arguments(args), dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code)
+    config = training_arguments(args)
+    if objective == "reward":
+        return train_heads_reward(args.model, args.data, config, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+    return train_heads(args.model, args.data, config, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

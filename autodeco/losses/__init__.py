@@ -5,7 +5,8 @@
     >>> loss.backward()   # grads reach T and P (and through them the heads), never the logits
 
 likelihood.py: the chunked closed-form kernels and the public losses; reference.py: the readable autograd
-formulas the tests compare to; control.py: control_margin_loss and completion_means. See docs/training.md.
+formulas the tests compare to; control.py: control_margin_loss and completion_means; reward.py: the reward
+objective's policy log-probs, group advantages, clipped surrogate and KL. See docs/training.md.
 """
 
 from autodeco.config import IGNORE_INDEX
@@ -20,6 +21,7 @@ from autodeco.losses.likelihood import (  # noqa: F401  (private kernels: import
     soft_top_p_loss,
     temperature_loss,
 )
+from autodeco.losses.reward import clipped_surrogate, group_advantages, kl_penalty, policy_log_probs
 from autodeco.losses.reference import _soft_top_p_loss_reference, _temperature_loss_reference  # noqa: F401
 
 __all__ = [
@@ -31,4 +33,8 @@ __all__ = [
     "soft_top_p_loss",
     "control_margin_loss",
     "completion_means",
+    "policy_log_probs",
+    "group_advantages",
+    "clipped_surrogate",
+    "kl_penalty",
 ]

@@ -4,7 +4,8 @@
     summary = train_heads("Qwen/Qwen2.5-0.5B", ["train.jsonl"], AutoDecoTrainingArguments("runs/heads"))
 
 arguments.py (AutoDecoTrainingArguments: the paper's defaults with reasons, autodeco's own fields),
-trainer.py (AutoDecoTrainer), train.py (train_heads, load_model_for_training); the decoding-control settings file is
+trainer.py (AutoDecoTrainer), train.py (train_heads, load_model_for_training), reward.py + reward_trainer.py (the
+reward objective: RewardTrainingArguments, train_heads_reward, RewardTrainer); the decoding-control settings file is
 autodeco.control's (re-exported here). Command line: `autodeco train` (autodeco/cli/train.py); docs/training.md.
 """
 
@@ -17,6 +18,15 @@ from autodeco.training.arguments import (
 )
 from autodeco.control import CONTROL_SETTINGS_NAME, load_control_settings, save_control_settings
 from autodeco.training.train import load_model_for_training, train_heads
+from autodeco.training.reward import (
+    OBJECTIVES,
+    REWARD_FIELDS,
+    RewardSettings,
+    RewardTrainingArguments,
+    load_problems,
+    train_heads_reward,
+)
+from autodeco.training.reward_trainer import REWARD_LOGGED_METRICS, RewardTrainer
 from autodeco.training.engines import describe_engine
 from autodeco.training.trainer import (
     CONTROL_LOGGED_METRICS,
@@ -36,6 +46,12 @@ __all__ = [
     "FORCED_TRAINING_ARGUMENTS",
     "HEADS_CHOICES",
     "LOGGED_METRICS",
+    "OBJECTIVES",
+    "REWARD_LOGGED_METRICS",
+    "REWARD_FIELDS",
+    "RewardSettings",
+    "RewardTrainer",
+    "RewardTrainingArguments",
     "build_training_arguments",
     "describe_engine",
     "head_state",
@@ -45,4 +61,6 @@ __all__ = [
     "save_control_settings",
     "train_heads",
     "trainable_parameter_names",
+    "load_problems",
+    "train_heads_reward",
 ]
