@@ -13,6 +13,7 @@ from autodeco.demo import tasks
 from autodeco.demo.base import load_base, render_prompt
 from autodeco.demo.probe import TokenKindSchedule, run_probe
 from autodeco.evaluation.benchmarks import Benchmark, Problem
+from autodeco.sampling import dynamic_logits
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +34,18 @@ def _ids(tokenizer, text: str) -> list[int]:
 ])
 def test_the_hand_schedule_samples_choices_hot_and_everything_else_cold(base, completion, choice):
     _, tokenizer = base
-    schedule = TokenKindSchedule(tokenizer, choice_t=2.0, precise_t=0.3)
+    schedule = TokenKindSchedule(tokenizer, choice_t=2.0, precise_t=0.3, choice_p=0.7)
     pairs = _ids(tokenizer, render_prompt("Find two of 23 41 17 35 that add up to 58.") + completion)
     arith = _ids(tokenizer, render_prompt("Start at 37, then + 8, - 5, + 9, - 3.") + completion)
     width = max(len(pairs), len(arith))
     rows = torch.tensor([[0] * (width - len(pairs)) + pairs, [0] * (width - len(arith)) + arith])
     assert schedule.temperatures(rows).tolist() == pytest.approx([2.0 if choice else 0.3, 0.3])
-    scores = torch.ones(2, 5)
-    assert schedule(rows, scores)[:, 0].tolist() == pytest.approx([0.5 if choice else 1 / 0.3, 1 / 0.3])
+    assert schedule.top_ps(rows).tolist() == pytest.approx([0.7 if choice else 1.0, 1.0])
+    # AutoDeco's distribution with those T and P: at a choice the nucleus of mass 0.7 keeps the two live tokens.
+    scores = torch.tensor([[4.0, 3.5, 0.0, 0.0, 0.0]] * 2)
+    expected = dynamic_logits(scores, schedule.temperatures(rows), schedule.top_ps(rows))
+    assert torch.equal(schedule(rows, scores), expected)
+    assert torch.isfinite(expected[0]).sum() == (2 if choice else 5)
 
 
 def _benchmark(count: int) -> Benchmark:

@@ -6,9 +6,10 @@ measured on the frozen base before any heads are trained. It is a probe for the 
     probe["headroom"]        # Pass@1 of the hand schedule minus that of the best static T of the grid (points)
 
 The hand schedule knows the task: on a "pairs" line the tokens of the two numbers (line start up to " =") are the
-choices, sampled at CHOICE_TEMPERATURE, the heads' ceiling (which pair comes next: only a high temperature breaks the
-base's re-checking habit); every other token (sums, verdicts, arithmetic, the boxed answer) is copying or adding,
-sampled at PRECISE_TEMPERATURE. The static grid runs the same sampler at one T everywhere (P = 1 throughout). Each
+choices, sampled at CHOICE_TEMPERATURE, the heads' ceiling, with the nucleus CHOICE_TOP_P (which pair comes next:
+only a high temperature breaks the base's re-checking habit, and only a nucleus keeps that temperature from lifting
+digits of numbers that are not in the problem); every other token (sums, verdicts, arithmetic, the boxed answer) is
+copying or adding, sampled at PRECISE_TEMPERATURE. The static grid runs the same sampler at one T everywhere (P = 1 throughout). Each
 setting is sampled with `seeds` seeds of `n` samples per problem (packed, like the evaluation) and written to
 `output` as soon as it is done, so a rerun resumes.
 """
@@ -22,15 +23,17 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from autodeco.atomic import write_json_atomic
+from autodeco.sampling import dynamic_logits
 from autodeco.evaluation.benchmarks import Benchmark, build_prompt, score_completions
 from autodeco.evaluation.generation import GenerationRequest, generate_completions
 from autodeco.evaluation.metrics import sample_std
 
-__all__ = ["CHOICE_TEMPERATURE", "PRECISE_TEMPERATURE", "STATIC_GRID", "TokenKindSchedule", "run_probe"]
+__all__ = ["CHOICE_TEMPERATURE", "CHOICE_TOP_P", "PRECISE_TEMPERATURE", "STATIC_GRID", "TokenKindSchedule", "run_probe"]
 
 CHOICE_TEMPERATURE = 2.0  # AutoDecoConfig's default max_temperature: the most the heads could ask for
 PRECISE_TEMPERATURE = 0.3
-STATIC_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
+CHOICE_TOP_P = 0.7  # keeps the two or three live choices and drops the junk digits that T = 2 would lift
+STATIC_GRID: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.3)
 PAIRS_MARKER = "Find two of"  # how a "pairs" prompt begins (autodeco.demo.tasks)
 
 
@@ -39,14 +42,15 @@ def _ids_where(tokenizer, keep) -> list[int]:
 
 
 class TokenKindSchedule(LogitsProcessor):
-    """scores / T per row: `choice_t` at the number tokens of a "pairs" line, `precise_t` everywhere else.
+    """AutoDeco's distribution (sampling.dynamic_logits) with a hand-set T and P per row: (`choice_t`, `choice_p`) at
+    the number tokens of a "pairs" line, (`precise_t`, 1) everywhere else.
 
     Reads the kind off the ids seen so far (prompt included), so it needs no state across steps: a row is a "pairs"
     row when its prompt holds the first token of PAIRS_MARKER, and the next token is a choice when the current line
     (after the last newline) has neither " =" nor "\\boxed{" yet."""
 
-    def __init__(self, tokenizer, choice_t: float, precise_t: float):
-        self.choice_t, self.precise_t = float(choice_t), float(precise_t)
+    def __init__(self, tokenizer, choice_t: float, precise_t: float, choice_p: float = 1.0):
+        self.choice_t, self.precise_t, self.choice_p = float(choice_t), float(precise_t), float(choice_p)
         self.newline = torch.tensor(_ids_where(tokenizer, lambda s: s == "\n"))
         self.equals = torch.tensor(_ids_where(tokenizer, lambda s: s.strip() == "="))
         self.boxed = torch.tensor(_ids_where(tokenizer, lambda s: "boxed" in s))
@@ -59,14 +63,21 @@ class TokenKindSchedule(LogitsProcessor):
         positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)  # 0 means "never"
         return (torch.isin(input_ids, ids.to(input_ids.device)) * positions).amax(dim=1)  # [B]
 
-    def temperatures(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def choices(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B] bool: whether each row's next token is a choice."""
         line_start = self._last(input_ids, self.newline)
-        choice = ((input_ids == self.marker).any(dim=1) & (self._last(input_ids, self.equals) < line_start)
-                  & (self._last(input_ids, self.boxed) < line_start))
-        return torch.where(choice, self.choice_t, self.precise_t).float()  # [B]
+        return ((input_ids == self.marker).any(dim=1) & (self._last(input_ids, self.equals) < line_start)
+                & (self._last(input_ids, self.boxed) < line_start))
+
+    def temperatures(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.choices(input_ids), self.choice_t, self.precise_t).float()  # [B]
+
+    def top_ps(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.choices(input_ids), self.choice_p, 1.0).float()  # [B]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return scores / self.temperatures(input_ids).to(scores.device)[:, None]
+        return dynamic_logits(scores, self.temperatures(input_ids).to(scores.device),
+                              self.top_ps(input_ids).to(scores.device))
 
 
 def _pass1(model, tokenizer, benchmark: Benchmark, schedule: TokenKindSchedule, *, n: int, seeds: int,
@@ -93,12 +104,12 @@ def _pass1(model, tokenizer, benchmark: Benchmark, schedule: TokenKindSchedule, 
 def run_probe(model, tokenizer, benchmark: Benchmark, *, output: str | Path, n: int = 2, seeds: int = 2,
               max_new_tokens: int = 128, batch_size: int = 256, template: str | None = None, seed: int = 0,
               grid: tuple[float, ...] = STATIC_GRID, choice_t: float = CHOICE_TEMPERATURE,
-              precise_t: float = PRECISE_TEMPERATURE) -> dict:
+              precise_t: float = PRECISE_TEMPERATURE, choice_p: float = CHOICE_TOP_P) -> dict:
     """The hand schedule and every static T of `grid` on `benchmark`; returns (and writes to `output`) their Pass@1,
     the best static T and the headroom. Settings already in `output` from the same arguments are not resampled."""
     output = Path(output)
     settings = {"n": n, "seeds": seeds, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
-                "problems": [p.id for p in benchmark.problems], "choice_t": choice_t, "precise_t": precise_t}
+                "problems": [p.id for p in benchmark.problems], "choice_t": choice_t, "precise_t": precise_t, "choice_p": choice_p}
     done = json.loads(output.read_text(encoding="utf-8")) if output.is_file() else {}
     if done.get("settings") != settings:
         done = {"settings": settings, "static": {}, "hand": None}
@@ -112,7 +123,7 @@ def run_probe(model, tokenizer, benchmark: Benchmark, *, output: str | Path, n: 
                                                   **common)
                 write_json_atomic(output, done)
         if done["hand"] is None:
-            done["hand"] = _pass1(model, tokenizer, benchmark, TokenKindSchedule(tokenizer, choice_t, precise_t),
+            done["hand"] = _pass1(model, tokenizer, benchmark, TokenKindSchedule(tokenizer, choice_t, precise_t, choice_p),
                                   **common)
     best = max(done["static"], key=lambda t: done["static"][t]["pass1"])
     done["best_static_t"] = float(best)

@@ -196,8 +196,8 @@ def probe_lines(probe: dict) -> list[str]:
     s = probe["settings"]
     header = ["setting", "Pass@1 (all)", *[f"Pass@1 {f}" for f in tasks.FAMILIES]]
     lines = [f"Frozen base, test split, {s['n']} samples x {s['seeds']} seeds. The hand schedule samples the two "
-             f"numbers of each `pairs` line at T={s['choice_t']:g} and every other token at T={s['precise_t']:g} "
-             "(demo/probe.py); it is a probe, not a method.", "",
+             f"numbers of each `pairs` line at T={s['choice_t']:g}, P={s['choice_p']:g} and every other token at "
+             f"T={s['precise_t']:g}, P=1 (demo/probe.py); it is a probe, not a method. The static rows use P=1.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     rows = [(f"static T={t}", cell) for t, cell in probe["static"].items()] + [("hand schedule", probe["hand"])]
     for label, cell in rows:

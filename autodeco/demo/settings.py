@@ -19,13 +19,13 @@ class DemoSettings:
     heads_learning_rate: float = 1e-3
     control_share: float = 0.5
     control_prompts: int = 100
-    probe_n: int = 2  # the headroom probe: samples per problem and seed, for each setting
+    probe_n: int = 1  # the headroom probe: samples per problem and seed, for each setting
     probe_seeds: int = 2
     reward_steps: int = 60  # heads trained on the verifier's reward, from the likelihood heads
     reward_problems: int = 16  # problems per step, each sampled reward_group_size times
     reward_group_size: int = 8
     reward_iterations: int = 2  # optimizer steps per sampled batch (the clipped importance ratio on the second)
-    reward_learning_rate: float = 3e-3
+    reward_learning_rate: float = 1e-2
     n: int = 4  # samples per problem and seed
     seeds: int = 3
     oracle_n: int = 2
