@@ -33,7 +33,7 @@ __all__ = ["CHOICE_TEMPERATURE", "CHOICE_TOP_P", "PRECISE_TEMPERATURE", "STATIC_
 CHOICE_TEMPERATURE = 2.0  # AutoDecoConfig's default max_temperature: the most the heads could ask for
 PRECISE_TEMPERATURE = 0.3
 CHOICE_TOP_P = 0.7  # keeps the two or three live choices and drops the junk digits that T = 2 would lift
-STATIC_GRID: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.3)
+STATIC_GRID: tuple[float, ...] = (0.5, 0.7, 1.0)  # the best static T is inside it (docs/experiments.md)
 PAIRS_MARKER = "Find two of"  # how a "pairs" prompt begins (autodeco.demo.tasks)
 
 

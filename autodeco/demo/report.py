@@ -139,8 +139,10 @@ def reward_verdicts(results: dict, reward_results: dict, decomposition: dict, re
     lines.append(f"- AutoDeco (likelihood heads) on the same task: {likelihood:.1f} Pass@1, "
                  f"{reward - likelihood:+.1f} points below the reward heads.")
     for label, d in (("reward", reward_decomposition), ("likelihood", decomposition)):
-        lines.append(f"- Decomposition, {label} heads: per-token variation gains {d['mean_gain_per_token']:.4f} nats per "
-                     f"token over their MeanShift (rms of the inverse-temperature spread {d['rms_delta']:.3f}).")
+        lines.append(f"- Decomposition, {label} heads (clean test solutions, teacher-forced): their per-token "
+                     f"temperatures gain {d['mean_gain_per_token']:.4g} nats per token over one constant temperature "
+                     f"(T = 1/mean(1/T) = {d['temperature_of_mean_beta']:.3g}; mean T {d['mean_temperature']:.2f}), "
+                     f"alignment efficiency {d['alignment_efficiency']:.2f}.")
     hand, best_t = probe["hand"]["pass1"], probe["best_static_t"]
     lines.append(f"- Headroom probe on the frozen base: a hand-written per-token schedule scores {hand:.1f} Pass@1, "
                  f"the best static T of the grid ({best_t:g}) {probe['static'][f'{best_t:g}']['pass1']:.1f}: "

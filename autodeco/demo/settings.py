@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DemoSettings:
-    train_problems: int = 1500  # problems sampled for the heads' training data (train split)
+    train_problems: int = 1000  # problems sampled for the heads' training data (train split)
     samples_per_problem: int = 4
     max_per_problem: int = 2
     test_problems: int = 200  # held-out problems the methods are evaluated on (test split)
@@ -28,7 +28,7 @@ class DemoSettings:
     reward_learning_rate: float = 1e-2
     n: int = 4  # samples per problem and seed
     seeds: int = 3
-    oracle_n: int = 2
+    oracle_n: int = 1
     oracle_seeds: int = 2
     max_new_tokens: int = 128
     generation_batch_size: int = 256
