@@ -30,29 +30,38 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| AutoDeco |" in printed and f"Report: {out / 'report.md'}" in printed
+    assert "| AutoDeco (likelihood heads) |" in printed and "| AutoDeco (reward heads) |" in printed
+    assert f"Report: {out / 'report.md'}" in printed
     summary = json.loads((out / "summary.json").read_text())
     for spec in ("greedy", "default", "oracle", "meanshift", "autodeco", "autodeco-temperature-only",
                  "autodeco-top-p-only", "min_p:0.1", "edt"):
         cell = summary["pass@1"][spec]
         assert 0.0 <= cell["mean"] <= 1.0
     assert set(summary["families"]["autodeco"]) == {"arith", "pairs"}
+    assert set(summary["reward_heads_pass@1"]) == {"meanshift", "autodeco"}
+    assert set(summary["reward_families"]["autodeco"]) == {"arith", "pairs"}
+    probe = summary["probe"]
+    assert probe["hand"]["pass1"] - probe["static"][f"{probe['best_static_t']:g}"]["pass1"] == probe["headroom"]
     for name in ("report.md", "decomposition.json", "eval/results.md", "eval/traces.png", "eval/oracle_grid.png",
                  "control/results.md", "control/control_trace.png", "heads/autodeco_heads.safetensors",
-                 "heads-control/autodeco_heads.safetensors", "data/train.jsonl"):
+                 "heads-control/autodeco_heads.safetensors", "heads-reward/autodeco_heads.safetensors",
+                 "eval-reward-heads/results.json", "decomposition-reward.json", "probe.json", "data/train.jsonl"):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "test-set oracle" in report and "MeanShift" in report and "held-out" in report
+    assert "Headroom probe" in report and "reward heads" in report
     # No test problem was trained on: the training data's prompts are all train-split problems.
     test_prompts = {json.loads(line)["problem"] for line in (out / "data" / "demo_test.jsonl").open()}
     for line in (out / "data" / "train.jsonl").open():
         assert not any(p in json.loads(line)["prompt"] for p in test_prompts)
     # A rerun resumes: every step's output is reused, nothing is recomputed.
-    mtime = (out / "heads" / "autodeco_heads.safetensors").stat().st_mtime
-    records = (out / "eval" / "records.jsonl").read_text()
+    kept = ["heads/autodeco_heads.safetensors", "heads-reward/autodeco_heads.safetensors", "eval/records.jsonl",
+            "eval-reward-heads/records.jsonl", "probe.json"]
+    before = {name: (out / name).read_bytes() for name in kept}
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in kept if name.endswith(".safetensors")}
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
-    assert (out / "heads" / "autodeco_heads.safetensors").stat().st_mtime == mtime
-    assert (out / "eval" / "records.jsonl").read_text() == records
+    assert {name: (out / name).read_bytes() for name in kept} == before
+    assert {name: (out / name).stat().st_mtime_ns for name in mtimes} == mtimes
 
 
 def test_retraining_the_base_is_seeded_and_rebuilds_the_bundled_tokenizer(tmp_path):

@@ -67,8 +67,8 @@ def _style_of(user: str) -> str:
 
 
 def _solution_stats(solution: str) -> dict:
-    """Counts of result lines, slipped results, pair attempts after the first, re-checks, and whether the pairs
-    were tried in reading order."""
+    """Counts of result lines, slipped results, pair attempts after the first, re-checks, and the pairs tried (each
+    once, in the order first tried)."""
     stats = {"lines": 0, "slips": 0, "attempts": 0, "rechecks": 0}
     tried, previous = [], None
     for line in solution.splitlines()[:-1]:
@@ -79,7 +79,8 @@ def _solution_stats(solution: str) -> dict:
             stats["attempts"] += previous is not None
             stats["rechecks"] += (a, b) == previous
             previous = (a, b)
-            tried.append((a, b))
+            if (a, b) not in tried:
+                tried.append((a, b))
     stats["tried"] = tried
     return stats
 
@@ -90,7 +91,7 @@ def test_the_corpus_teacher_slips_and_rechecks_at_its_rates_and_honours_the_requ
               for style in ("none", "careful", "loose", "neutral")}
     own_line = 0
     for _ in range(6000):
-        user, solution = tasks.corpus_example(rng, slip_rate=0.05, recheck_rate=0.3, filler_rate=0.5)
+        user, solution = tasks.corpus_example(rng, slip_rate=0.05, recheck_rate=0.7, filler_rate=0.5)
         style = _style_of(user)
         own_line += "\n" in user
         stats, total = _solution_stats(solution), totals[style]
@@ -105,16 +106,16 @@ def test_the_corpus_teacher_slips_and_rechecks_at_its_rates_and_honours_the_requ
     assert 0.1 < own_line / 6000 < 0.24  # a third of the styled prompts carry the sentence on a line of its own
     for style in ("none", "neutral"):
         assert 0.035 < totals[style]["slips"] / totals[style]["lines"] < 0.065
-        assert 0.2 < totals[style]["rechecks"] / totals[style]["attempts"] < 0.4
+        assert 0.6 < totals[style]["rechecks"] / totals[style]["attempts"] < 0.8
     careful, loose = totals["careful"], totals["loose"]
-    assert careful["slips"] == careful["rechecks"] == careful["out_of_order"] == 0  # careful: clean, in order
-    assert 0.2 < loose["slips"] / loose["lines"] < 0.3  # asked to be random: LOOSE_SLIP_FACTOR times the slips
-    assert loose["out_of_order"] > 0.5 * loose["rows"] / 2
+    assert careful["slips"] == careful["rechecks"] == 0  # careful: clean, no re-checks
+    assert 0.12 < loose["slips"] / loose["lines"] < 0.18  # asked to be random: LOOSE_SLIP_FACTOR times the slips
+    assert all(total["out_of_order"] == 0 for total in totals.values())  # every teacher goes in reading order
 
 
 def test_tokenizer_round_trips_spells_digits_and_renders_the_chat_template():
     rng = random.Random(0)
-    texts = [t for _ in range(300) for t in tasks.corpus_example(rng, slip_rate=0.0, recheck_rate=0.3, filler_rate=0.3)]
+    texts = [t for _ in range(300) for t in tasks.corpus_example(rng, slip_rate=0.0, recheck_rate=0.7, filler_rate=0.3)]
     tokenizer = build_tokenizer(texts, vocab_size=200)
     assert tokenizer.chat_template == CHAT_TEMPLATE
     for text in texts[:50] + ["Answer with LOW randomness, please!", "x\n\ny  z"]:

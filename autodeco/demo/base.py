@@ -63,8 +63,8 @@ class BaseTrainingConfig:
     learning_rate: float = 3e-3
     warmup_steps: int = 150
     weight_decay: float = 0.01
-    slip_rate: float = 0.04
-    recheck_rate: float = 0.3
+    slip_rate: float = 0.1
+    recheck_rate: float = 0.7
     filler_rate: float = 0.4
     vocab_size: int = 320
     tokenizer_corpus: int = 20_000  # corpus examples the BPE merges are learned on

@@ -18,8 +18,8 @@ from autodeco.demo.settings import DemoSettings
 from autodeco.evaluation.control import control_markdown
 
 
-__all__ = ["CONTROL_GOAL", "control_verdicts", "environment", "family_table", "report_markdown", "results_table",
-           "verdicts"]
+__all__ = ["CONTROL_GOAL", "PROBE_GOAL_POINTS", "REWARD_GOAL_POINTS", "control_verdicts", "environment", "family_table",
+           "probe_lines", "report_markdown", "results_table", "reward_verdicts", "verdicts"]
 
 
 def _family(problem_id: str) -> str:
@@ -54,7 +54,13 @@ def _pm(cell: tuple[float, float] | None) -> str:
     return "—" if cell is None else f"{100 * cell[0]:.1f} ± {100 * cell[1]:.1f}"
 
 
-def results_table(results: dict, families: dict, control_results: dict | None) -> list[str]:
+# The likelihood heads' rows, relabelled so that the two head sets' rows read side by side.
+_LIKELIHOOD_LABELS = {"autodeco": "AutoDeco (likelihood heads)", "meanshift": "MeanShift of the likelihood heads"}
+_REWARD_LABELS = {"autodeco": "AutoDeco (reward heads)", "meanshift": "MeanShift of the reward heads"}
+
+
+def results_table(results: dict, families: dict, control_results: dict | None,
+                  reward_results: dict | None = None) -> list[str]:
     bench = next(iter(results["benchmarks"]))
     ks = [k for k in results["settings"]["ks"] if k != 1]
     header = ["method", "Pass@1 (all)", *[f"Pass@1 {f}" for f in tasks.FAMILIES], *[f"pass@{k}" for k in ks], "mean T",
@@ -71,7 +77,13 @@ def results_table(results: dict, families: dict, control_results: dict | None) -
 
     for spec in results["methods"]:
         cell = results["results"][spec][bench]
-        lines.append(row(cell["label"], cell, families.get(spec, {})))
+        label = _LIKELIHOOD_LABELS.get(spec, cell["label"]) if reward_results is not None else cell["label"]
+        lines.append(row(label, cell, families.get(spec, {})))
+    if reward_results is not None:
+        for spec in reward_results["methods"]:
+            cell = reward_results["results"][spec][bench]
+            lines.append(row(_REWARD_LABELS.get(spec, cell["label"]), cell,
+                             reward_results.get("families", {}).get(spec, {})))
     if control_results is not None:
         cell = control_results["results"]["autodeco"][bench]
         lines.append(row("AutoDeco, heads trained with control (no command)", cell,
@@ -95,6 +107,47 @@ def verdicts(results: dict, control_results: dict | None) -> list[str]:
         controlled = control_results["results"]["autodeco"][bench]["pass@1"]["mean"]
         lines.append(f"- Heads trained with control, no command: {100 * (controlled - auto):+.1f} points vs heads "
                      f"trained without (goal: no worse): {'met' if controlled >= auto - 1e-9 else 'missed'}.")
+    return lines
+
+
+# Issue 13's goals for the reward heads, in Pass@1 points, and the probe's least headroom for the task to be able to
+# tell token-level control from a better mean.
+REWARD_GOAL_POINTS = 3.0
+PROBE_GOAL_POINTS = 5.0
+
+
+def reward_verdicts(results: dict, reward_results: dict, decomposition: dict, reward_decomposition: dict,
+                    probe: dict) -> list[str]:
+    """The reward heads against the oracle and their own MeanShift (mean +- std over seeds, and whether the gap is
+    beyond the seeds' noise: larger than the two stds together), the decomposition, and the probe's headroom."""
+    bench = next(iter(results["benchmarks"]))
+
+    def pass1(res: dict, spec: str) -> tuple[float, float]:
+        cell = res["results"][spec][bench]["pass@1"]
+        return 100 * cell["mean"], 100 * cell["std"]
+
+    reward, reward_std = pass1(reward_results, "autodeco")
+    lines = []
+    for name, (other, other_std) in (("the test-set oracle", pass1(results, "oracle")),
+                                     ("its own MeanShift", pass1(reward_results, "meanshift"))):
+        gap = reward - other
+        beyond = gap > reward_std + other_std
+        lines.append(f"- AutoDeco (reward heads) vs {name}: {gap:+.1f} points of Pass@1 ({reward:.1f} ± "
+                     f"{reward_std:.1f} vs {other:.1f} ± {other_std:.1f}; goal: at least +{REWARD_GOAL_POINTS:g}, "
+                     f"beyond seed noise): {'met' if gap >= REWARD_GOAL_POINTS and beyond else 'missed'}.")
+    likelihood = pass1(results, "autodeco")[0]
+    lines.append(f"- AutoDeco (likelihood heads) on the same task: {likelihood:.1f} Pass@1, "
+                 f"{reward - likelihood:+.1f} points below the reward heads.")
+    for label, d in (("reward", reward_decomposition), ("likelihood", decomposition)):
+        lines.append(f"- Decomposition, {label} heads (clean test solutions, teacher-forced): their per-token "
+                     f"temperatures gain {d['mean_gain_per_token']:.4g} nats per token over one constant temperature "
+                     f"(T = 1/mean(1/T) = {d['temperature_of_mean_beta']:.3g}; mean T {d['mean_temperature']:.2f}), "
+                     f"alignment efficiency {d['alignment_efficiency']:.2f}.")
+    hand, best_t = probe["hand"]["pass1"], probe["best_static_t"]
+    lines.append(f"- Headroom probe on the frozen base: a hand-written per-token schedule scores {hand:.1f} Pass@1, "
+                 f"the best static T of the grid ({best_t:g}) {probe['static'][f'{best_t:g}']['pass1']:.1f}: "
+                 f"{probe['headroom']:+.1f} points (goal: at least +{PROBE_GOAL_POINTS:g}): "
+                 f"{'met' if probe['headroom'] >= PROBE_GOAL_POINTS else 'missed'}.")
     return lines
 
 
@@ -140,9 +193,26 @@ def control_lines(control: dict, subdir: str) -> list[str]:
     return lines
 
 
+def probe_lines(probe: dict) -> list[str]:
+    """The probe's table: Pass@1 of every static T and of the hand schedule, overall and per family."""
+    s = probe["settings"]
+    header = ["setting", "Pass@1 (all)", *[f"Pass@1 {f}" for f in tasks.FAMILIES]]
+    lines = [f"Frozen base, test split, {s['n']} samples x {s['seeds']} seeds. The hand schedule samples the two "
+             f"numbers of each `pairs` line at T={s['choice_t']:g}, P={s['choice_p']:g} and every other token at "
+             f"T={s['precise_t']:g}, P=1 (demo/probe.py); it is a probe, not a method. The static rows use P=1.", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    rows = [(f"static T={t}", cell) for t, cell in probe["static"].items()] + [("hand schedule", probe["hand"])]
+    for label, cell in rows:
+        lines.append("| " + " | ".join([label, f"{cell['pass1']:.1f} ± {cell['pass1_std']:.1f}",
+                                        *[f"{cell['families'].get(f, float('nan')):.1f}" for f in tasks.FAMILIES]])
+                     + " |")
+    return lines
+
+
 def report_markdown(output_dir: Path, settings: DemoSettings, quick: bool, results: dict, table: list[str],
                     verdicts: list[str], decomposition: dict, control: dict, no_control: dict, data_stats,
-                    timings: dict, total: float, retrain_base: bool) -> str:
+                    timings: dict, total: float, retrain_base: bool, *, probe: dict | None = None,
+                    reward_decomposition: dict | None = None) -> str:
     """OUTPUT_DIR/report.md of a demo run: every table, the verdicts, the decomposition and the control results."""
     bench = next(iter(results["benchmarks"]))
     oracle = results["oracle"][bench]
@@ -175,8 +245,12 @@ def report_markdown(output_dir: Path, settings: DemoSettings, quick: bool, resul
         "",
         "## Gain decomposition (teacher-forced, clean solutions of the test problems)",
         "",
+        "Likelihood heads:",
+        "",
         decomposition["summary"],
         "",
+        *(["Reward heads:", "", reward_decomposition["summary"], ""] if reward_decomposition else []),
+        *(["## Headroom probe (frozen base)", "", *probe_lines(probe), ""] if probe else []),
         "## Decoding control (issue 6), heads trained with control",
         "",
         *control_lines(control, "control"),

@@ -8,8 +8,9 @@
 
     autodeco demo-problems --split test --count 6                     # print a few problems and solutions
 
-Families: "arith" (exact multi-step arithmetic: low temperature wins) and "pairs" (a small search: randomness
-helps). The base's corpus (`corpus_example`) comes from an imperfect teacher (slips, re-checks, style requests);
+Families: "arith" (exact multi-step arithmetic: low temperature wins) and "pairs" (a search in reading order
+whose solutions need both: exact sums, where a slip is fatal, and breaking out of a re-checking habit, which only a
+high temperature at the next choice does). The base's corpus (`corpus_example`) comes from an imperfect teacher (slips, re-checks, style requests);
 `solve` is the clean one. A problem's split is a hash of its canonical key, so the splits never share a problem.
 Details: docs/demo.md.
 """
@@ -40,12 +41,13 @@ ARITH_MAX_VALUE = 999
 PAIRS_COUNT = 4
 # Candidates are two-digit numbers below 50, so every sum is a two-digit number with at most one carry.
 PAIRS_RANGE = (10, 49)
-# The teacher gives up re-checking after this many lines and writes the answer: keeps corpus solutions short.
+# The teacher gives up after this many lines and writes the last pair it tried: keeps solutions within the demo's
+# 128 new tokens (a line is about 12 tokens).
 PAIRS_MAX_ATTEMPTS = 8
 
 # Sentences a user may add to a request, by the style they ask for. A share of the base corpus carries one (before
 # the problem, after it, or on a line of its own) and the teacher honours it, as the authors of any pretraining text
-# would: asked to be careful it works through the pairs in reading order and never slips or re-checks; asked to be
+# would: asked to be careful it never slips or re-checks; asked to be
 # loose or random it slips LOOSE_SLIP_FACTOR times as often; neutral requests change nothing. Because the request
 # changes the text at every choice (which pair next, how sure each digit is), the base model has to carry it to
 # every completion token, as a pretrained model carries an instruction, so the heads can see it there. What it
@@ -78,7 +80,7 @@ _FILLER_BODIES = {
 FILLER_SENTENCES = {style: tuple(f"{o} {b}" for o in _FILLER_OPENERS for b in bodies)
                     for style, bodies in _FILLER_BODIES.items()}
 _STYLE_WEIGHTS = {"careful": 0.4, "loose": 0.4, "neutral": 0.2}
-LOOSE_SLIP_FACTOR = 5
+LOOSE_SLIP_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -195,44 +197,37 @@ def _solve_arith(problem: DemoProblem, rng: random.Random, slip_rate: float) -> 
     return "\n".join(lines)
 
 
-def _solve_pairs(problem: DemoProblem, rng: random.Random, slip_rate: float, recheck_rate: float,
-                 systematic: bool = False) -> str:
+def _solve_pairs(problem: DemoProblem, rng: random.Random, slip_rate: float, recheck_rate: float) -> str:
+    """Pairs in reading order, (0, 1), (0, 2), ...; before each new pair the teacher re-checks the line it just wrote
+    with probability `recheck_rate` (its habit: the most likely next line when recheck_rate > 0.5, so greedy
+    decoding re-checks forever, and sampling at T=1 moves on only 1 - recheck_rate of the time)."""
     *candidates, target = problem.numbers
     order = list(_pair_sums(tuple(candidates)))
-    if systematic:
-        order.reverse()  # popped from the end: (0, 1), (0, 2), ... in the order the numbers are written
-    else:
-        rng.shuffle(order)
-    lines, previous = [], None
-    answer = None
-    while answer is None:
-        if previous is not None and recheck_rate and rng.random() < recheck_rate:
-            pair = previous  # the habit greedy decoding turns into a loop
-        elif order:
-            pair = order.pop()
-        else:
-            answer = previous  # out of pairs (only after a slip hid the right one): commit to the last
+    lines, position = [], 0
+    while True:
+        if lines and not (recheck_rate and rng.random() < recheck_rate):
+            position += 1
+        if position == len(order):
+            position -= 1  # out of pairs (only after a slip hid the right one): commit to the last
             break
-        a, b = candidates[pair[0]], candidates[pair[1]]
+        a, b = candidates[order[position][0]], candidates[order[position][1]]
         written = a + b
         if slip_rate and rng.random() < slip_rate:
             written = _slip(written, rng)
         verdict = "yes" if written == target else "no"
         lines.append(f"{a} + {b} = {written} {verdict}")
-        previous = pair
         if verdict == "yes" or len(lines) >= PAIRS_MAX_ATTEMPTS:
-            answer = pair
-    lines.append(f"\\boxed{{{candidates[answer[0]]}+{candidates[answer[1]]}}}")
+            break
+    i, j = order[position]
+    lines.append(f"\\boxed{{{candidates[i]}+{candidates[j]}}}")
     return "\n".join(lines)
 
 
-def solve(problem: DemoProblem, rng: random.Random, *, slip_rate: float = 0.0, recheck_rate: float = 0.0,
-          systematic: bool = False) -> str:
-    """A step-by-step solution ending in \\boxed{answer}; with the defaults, always correct. `systematic` tries the
-    pairs of "pairs" in reading order instead of a random one."""
+def solve(problem: DemoProblem, rng: random.Random, *, slip_rate: float = 0.0, recheck_rate: float = 0.0) -> str:
+    """A step-by-step solution ending in \\boxed{answer}; with the defaults, always correct and without re-checks."""
     if problem.family == "arith":
         return _solve_arith(problem, rng, slip_rate)
-    return _solve_pairs(problem, rng, slip_rate, recheck_rate, systematic)
+    return _solve_pairs(problem, rng, slip_rate, recheck_rate)
 
 
 def corpus_example(rng: random.Random, *, slip_rate: float, recheck_rate: float, filler_rate: float,
@@ -251,7 +246,7 @@ def corpus_example(rng: random.Random, *, slip_rate: float, recheck_rate: float,
         # Before the problem, after it, or on a line of its own at the end (where autodeco.control puts commands).
         user = rng.choice((f"{filler} {user}", f"{user} {filler}", f"{user}\n{filler}"))
         if style == "careful":
-            return user, solve(problem, rng, systematic=True)
+            return user, solve(problem, rng)
         if style == "loose":
             slip_rate = min(1.0, LOOSE_SLIP_FACTOR * slip_rate)
     return user, solve(problem, rng, slip_rate=slip_rate, recheck_rate=recheck_rate)
