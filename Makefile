@@ -27,7 +27,7 @@ OLDEST_TRANSFORMERS ?= transformers==5.16.1
 PYV := $(VENV_VLLM)/bin/python
 # What runs there: the vLLM tests, and the suites that touch the transformers API most (config, modeling and
 # generate, data and chat templates, losses, the Trainer, the eval runner).
-VLLM_TESTS ?= tests/test_vllm.py tests/test_vllm_engine.py tests/test_vllm_traces.py tests/test_vllm_eval.py
+VLLM_TESTS ?= tests/test_vllm.py tests/test_vllm_engine.py tests/test_vllm_traces.py tests/test_vllm_eval.py tests/test_vllm_reward.py
 OLDEST_TRANSFORMERS_TESTS ?= tests/test_modeling.py tests/test_sampling.py tests/test_data.py tests/test_losses.py \
 	tests/test_trainer.py tests/test_runner.py
 

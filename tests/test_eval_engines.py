@@ -173,12 +173,14 @@ def test_malformed_vllm_arg_is_one_line_naming_it(bad, tiny, bench, tmp_path, ca
     assert "--vllm-arg" in err and f"'{bad}'" in err and "KEY=VALUE" in err
 
 
-@pytest.mark.parametrize("command", ["eval", "data"])
+@pytest.mark.parametrize("command", ["eval", "data", "train"])
 def test_engine_vllm_without_vllm_says_how_to_install(command, tiny, bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vllm", None)  # absent, even where vLLM is installed (find_spec -> None)
     root, _, _ = tiny
     if command == "eval":
         argv = ["eval", "--benchmarks", str(bench), "--output-dir", str(tmp_path / "o")]
+    elif command == "train":
+        argv = ["train", "--objective", "reward", "--data", str(bench), "--output-dir", str(tmp_path / "o")]
     else:
         argv = ["data", "--problems", str(bench), "--output", str(tmp_path / "o" / "train.jsonl")]
     assert main([*argv, "--engine", "vllm", "--model", str(root / "autodeco"), "--vllm-arg", "max_model_len=64"]) == 2
@@ -194,6 +196,23 @@ def test_vllm_arg_needs_engine_vllm_and_edt_needs_hf(tiny, bench, tmp_path, caps
     assert "only with --engine vllm" in capsys.readouterr().err
     assert main([*argv, "--engine", "vllm", "--methods", "greedy,edt"]) == 2
     assert re.search(r"edt.*--engine hf", capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_engine_vllm_needs_the_reward_objective_and_an_autodeco_model(tiny, bench, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setattr("autodeco.cli.args.check_llm_kwargs", lambda kwargs: None)  # as if vLLM were installed
+    monkeypatch.setattr("autodeco.vllm.engine.require_vllm", lambda: None)
+    root, _, _ = tiny
+    argv = ["train", "--data", str(bench), "--output-dir", str(tmp_path / "o"), "--engine", "vllm"]
+    assert main([*argv, "--model", str(root / "autodeco")]) == 2
+    assert "only --objective reward samples" in capsys.readouterr().err
+    assert main([*argv, "--objective", "reward", "--model", str(root / "base")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an AutoDeco directory" in err and "--engine hf" in err
+    assert main(["train", "--objective", "reward", "--model", str(root / "autodeco"), "--data", str(bench),
+                 "--output-dir", str(tmp_path / "o"), "--vllm-arg", "max_model_len=64"]) == 2
+    assert "only with --engine vllm" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from autodeco.vllm.engine import check_llm_kwargs  # imports no vLLM itself
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -129,3 +131,33 @@ def add_model_loading_flags(p: argparse.ArgumentParser) -> None:
                         "else cpu")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the base model's own modelling code from its repository (off by default)")
+
+
+ENGINES = ("hf", "vllm")
+
+
+def add_engine_flags(p: argparse.ArgumentParser, engine_help: str) -> None:
+    """--engine {hf,vllm} and the repeatable --vllm-arg KEY=VALUE (read back by `vllm_kwargs`)."""
+    p.add_argument("--engine", choices=ENGINES, default="hf", help=engine_help)
+    p.add_argument("--vllm-arg", type=typed_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="with --engine vllm: an argument of vllm.LLM, repeatable (tensor_parallel_size=8, "
+                        "gpu_memory_utilization=0.9, max_model_len=40960, ...); VALUE is read as int, float, "
+                        "true/false or else a string")
+
+
+def vllm_kwargs(args) -> dict | None:
+    """The vllm.LLM arguments of --engine vllm (None for --engine hf), checked before any model loads."""
+    if args.engine != "vllm":
+        if args.vllm_arg:
+            raise ValueError(f"--vllm-arg {args.vllm_arg[0][0]}=...: only with --engine vllm.")
+        return None
+    kwargs = dict(args.vllm_arg)
+    if args.dtype != "auto":
+        kwargs.setdefault("dtype", args.dtype)
+    if args.trust_remote_code:
+        kwargs.setdefault("trust_remote_code", True)
+    try:
+        check_llm_kwargs(kwargs)  # also: is vLLM installed?
+    except ValueError as exc:
+        raise ValueError(f"--vllm-arg: {exc}") from None
+    return kwargs

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from autodeco.atomic import write_json_atomic
 from autodeco.cli.args import (
+    add_engine_flags,
     add_model_loading_flags,
     k_list,
     positive_float,
     positive_int,
     read_template,
-    typed_key_value,
+    vllm_kwargs,
 )
 from autodeco.evaluation.benchmarks import load_benchmark
 from autodeco.evaluation.data_builder import build_training_data
@@ -33,9 +34,8 @@ from autodeco.evaluation.loading import load_model, process_state, resolve_devic
 from autodeco.evaluation.methods import VALID_METHODS, parse_methods
 from autodeco.evaluation.runner import run_evaluation
 from autodeco.validation import check_input_file
-from autodeco.vllm.engine import VLLMEngine, check_llm_kwargs  # imports no vLLM itself: only VLLMEngine() does
+from autodeco.vllm.engine import VLLMEngine  # imports no vLLM itself: only VLLMEngine() does
 
-ENGINES = ("hf", "vllm")
 
 __all__ = ["register", "add_eval_parser", "add_data_parser", "cmd_eval", "cmd_data"]
 
@@ -53,14 +53,9 @@ def _common_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N problems of each file")
     p.add_argument("--seed", type=int, default=0, help="base seed; every work item's seed is derived from it (default 0)")
     add_model_loading_flags(p)
-    p.add_argument("--engine", choices=ENGINES, default="hf",
-                   help="generation engine: hf = transformers' generate (default), vllm = vLLM in this process "
+    add_engine_flags(p, "generation engine: hf = transformers' generate (default), vllm = vLLM in this process "
                         "(pip install \"autodeco[vllm]\"; a merged directory, or heads-only with a local base; "
                         "records are kept apart per engine)")
-    p.add_argument("--vllm-arg", type=typed_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="with --engine vllm: an argument of vllm.LLM, repeatable (tensor_parallel_size=8, "
-                        "gpu_memory_utilization=0.9, max_model_len=40960, ...); VALUE is read as int, float, "
-                        "true/false or else a string")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -145,24 +140,6 @@ def register(subparsers) -> None:
     add_data_parser(subparsers)
 
 
-def _vllm_kwargs(args) -> dict | None:
-    """The vllm.LLM arguments of --engine vllm (None for --engine hf), checked before any model loads."""
-    if args.engine != "vllm":
-        if args.vllm_arg:
-            raise ValueError(f"--vllm-arg {args.vllm_arg[0][0]}=...: only with --engine vllm.")
-        return None
-    kwargs = dict(args.vllm_arg)
-    if args.dtype != "auto":
-        kwargs.setdefault("dtype", args.dtype)
-    if args.trust_remote_code:
-        kwargs.setdefault("trust_remote_code", True)
-    try:
-        check_llm_kwargs(kwargs)  # also: is vLLM installed?
-    except ValueError as exc:
-        raise ValueError(f"--vllm-arg: {exc}") from None
-    return kwargs
-
-
 def _vllm_engine(args, kwargs: dict | None, model, *, traces: bool = True):
     """The VLLMEngine for --engine vllm, tracing T/P on `model` (already loaded: not loaded twice); None for hf."""
     if kwargs is None:
@@ -208,13 +185,13 @@ def cmd_eval(args) -> dict:
     _check_files("--calibration", args.calibration)
     template = read_template(args.template)
     benchmarks = [load_benchmark(spec, limit=args.limit) for spec in args.benchmarks]
-    vllm_kwargs = _vllm_kwargs(args)
+    llm_kwargs = vllm_kwargs(args)
 
     state = process_state(args.device)
     _check_one_process(state, args)
     device = resolve_device(args.device, state)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
-    engine = _vllm_engine(args, vllm_kwargs, model)
+    engine = _vllm_engine(args, llm_kwargs, model)
     try:
         results = run_evaluation(
             model, tokenizer, benchmarks, methods,
@@ -262,16 +239,16 @@ def cmd_data(args) -> dict:
     template = read_template(args.template)
     for spec in args.problems:  # bad rows are reported before the model is loaded
         load_benchmark(spec, limit=args.limit)
-    vllm_kwargs = _vllm_kwargs(args)
+    llm_kwargs = vllm_kwargs(args)
     state = process_state(args.device)
     if state.num_processes > 1:
         raise ValueError("`autodeco data` runs in one process; launch it without accelerate.")
     # With vLLM sampling, the transformers model only gives the sample keys and the context length (data needs no
     # T/P traces): on the CPU unless --device says otherwise, so the GPU is vLLM's.
-    device = resolve_device("cpu" if vllm_kwargs is not None and args.device == "auto" else args.device, state)
+    device = resolve_device("cpu" if llm_kwargs is not None and args.device == "auto" else args.device, state)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, require_autodeco=False,
                                   trust_remote_code=args.trust_remote_code)
-    engine = _vllm_engine(args, vllm_kwargs, model, traces=False)  # static sampling: its T/P are constants
+    engine = _vllm_engine(args, llm_kwargs, model, traces=False)  # static sampling: its T/P are constants
     try:
         return build_training_data(
             model, tokenizer, args.problems, args.n, output=args.output, max_per_problem=args.max_per_problem,

@@ -25,12 +25,14 @@ from transformers import TrainingArguments
 from autodeco.cli.args import (
     DTYPE_CHOICES,
     CommandParser,
+    add_engine_flags,
     key_value,
     non_negative_float,
     positive_float,
     positive_int,
     ratio,
     read_template,
+    vllm_kwargs,
 )
 from autodeco.training import (
     FORCED_TRAINING_ARGUMENTS,
@@ -43,6 +45,7 @@ from autodeco.training import (
     train_heads_reward,
 )
 from autodeco.validation import check_input_file
+from autodeco.vllm.engine import VLLMEngine  # imports no vLLM itself: only VLLMEngine() does
 
 __all__ = ["cmd_train", "parse_trainer_args", "register"]
 
@@ -133,6 +136,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "GPU that supports it, else float32")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the base model's own modelling code from its repository (off by default)")
+    add_engine_flags(p, "reward objective: the engine that samples the rollouts; hf = transformers' generate "
+                        "(default), vllm = vLLM in this process, the heads copied into it before every rollout "
+                        "(--model must then be an AutoDeco directory, e.g. likelihood-trained heads)")
     p.add_argument("--trainer-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="compatibility alias: set a transformers.TrainingArguments field (repeatable), e.g. "
                         "save_steps=50, report_to=none, bf16=true; list fields take comma-separated values")
@@ -230,8 +236,22 @@ def cmd_train(args: argparse.Namespace) -> dict:
     objective = _objective(args)
     for path in args.data:  # a directory or a missing file, named with the flag, before anything loads
         check_input_file(path, "--data")
+    llm_kwargs = vllm_kwargs(args)
+    if llm_kwargs is not None and objective != "reward":
+        raise ValueError("--engine vllm: only --objective reward samples while training; drop --engine.")
     config = training_arguments(args)
     if objective == "reward":
-        return train_heads_reward(args.model, args.data, config, dtype=args.dtype,
-                                  trust_remote_code=args.trust_remote_code)
+        engine = None
+        if llm_kwargs is not None:
+            engine = VLLMEngine(args.model, traces=False, **llm_kwargs)  # reads config.json; vLLM loads later
+            if not engine.is_autodeco:
+                raise ValueError(f"--engine vllm: '{args.model}' is not an AutoDeco directory, and vLLM samples from "
+                                 "one; train heads first (autodeco train --objective likelihood) and pass them as "
+                                 "--model, or use --engine hf.")
+        try:
+            return train_heads_reward(args.model, args.data, config, dtype=args.dtype,
+                                      trust_remote_code=args.trust_remote_code, engine=engine)
+        finally:
+            if engine is not None:
+                engine.close()
     return train_heads(args.model, args.data, config, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

@@ -161,6 +161,8 @@ class RewardTrainer(AutoDecoTrainer):
         engine = self.engine if self.engine is not None else TransformersEngine(model, self.processing_class)
         requests = [GenerationRequest(self.prompts[i], group, seed=sample_seed(self.args.seed, rollout_step, i))
                     for i in indices]
+        if hasattr(engine, "update_heads"):  # an engine with its own copy of the model (vLLM): the current heads
+            engine.update_heads(model.heads_state_dict())
         was_training = model.training
         model.eval()
         try:

@@ -26,6 +26,7 @@ exactly the heads' values up to float noise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -120,6 +121,7 @@ class VLLMEngine:
             self.llm_kwargs.setdefault("tokenizer", str(self.info.tokenizer_dir))
         self._profile: str | None = None
         self._llm = None
+        self._heads: dict | None = None  # head tensors given to update_heads, applied to every dynamic load
         self._tokenizer = None
         self.tracer = (TeacherForcedTraces(self.model_dir, device=trace_device, dtype=trace_dtype, chunk=trace_chunk,
                                            model=trace_model)
@@ -144,7 +146,27 @@ class VLLMEngine:
                 kwargs["override_generation_config"] = {**NEUTRAL_SAMPLING, **kwargs.get("override_generation_config", {})}
             self._llm = LLM(model=self.model_dir, **kwargs)
             self._profile = profile
+            if self._heads is not None and profile != "base":
+                self._apply_heads()
         return self._llm
+
+    def update_heads(self, state: dict) -> None:
+        """Sample from these heads from now on: tensors keyed as AutoDecoModelForCausalLM.heads_state_dict(),
+        copied into the loaded model's heads in every vLLM worker (and into any model loaded later). The reward
+        trainer calls it before each rollout. Under vLLM's multiprocessing engine the copy travels as a pickled
+        callable, which vLLM accepts only with VLLM_ALLOW_INSECURE_SERIALIZATION=1 in the environment."""
+        if not self.is_autodeco:
+            raise ValueError(f"'{self.model_dir}' is a plain base model: it has no heads to update.")
+        self._heads = {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+        if self._llm is not None and self._profile != "base":
+            self._apply_heads()
+
+    def _apply_heads(self) -> None:
+        from autodeco.vllm.model import load_heads  # optional dependency (vLLM), imported once an engine runs
+
+        counts = self._llm.apply_model(functools.partial(load_heads, state=self._heads))
+        if any(count != len(self._heads) for count in counts):
+            raise RuntimeError(f"update_heads: a vLLM worker loaded {counts} of {len(self._heads)} head tensors.")
 
     @property
     def tokenizer(self):

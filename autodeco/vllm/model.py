@@ -60,6 +60,24 @@ def predict_and_filter(temperature_head, top_p_head, top_p_features: bool, hidde
     return out, temperature.clamp_min(MIN_TEMPERATURE), p
 
 
+def load_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Copy head tensors, keyed as AutoDecoModelForCausalLM.heads_state_dict() ('temperature_head.mlp.0.weight',
+    ...), into a loaded AutoDecoForCausalLM in place; returns how many. Runs in a vLLM worker through
+    `LLM.apply_model` (VLLMEngine.update_heads), so a trainer's rollouts sample from its current heads."""
+    if not isinstance(model, AutoDecoForCausalLM):
+        raise ValueError(f"load_heads: the vLLM model is a {type(model).__name__}, not AutoDecoForCausalLM; load an "
+                         "AutoDeco directory (not a plain base) to update its heads.")
+    targets = {f"{name}.{key}": tensor for name in HEAD_MODULES
+               for key, tensor in getattr(model, name).state_dict().items()}
+    if set(state) != set(targets):
+        raise ValueError(f"load_heads: the tensors {sorted(set(state) ^ set(targets))[:4]} do not match the heads "
+                         "of this model (another head architecture?); pass heads_state_dict() of the same config.")
+    with torch.no_grad():
+        for key, value in state.items():
+            targets[key].copy_(value.to(device=targets[key].device, dtype=targets[key].dtype))
+    return len(state)
+
+
 class AutoDecoForCausalLM(nn.Module):
     """vLLM model for `architectures: ["AutoDecoModelForCausalLM"]`: any supported base plus AutoDeco's heads.
 
